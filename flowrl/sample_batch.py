@@ -1,0 +1,399 @@
+"""SampleBatch: an immutable table of equal-length columns backed by one Arrow RecordBatch.
+
+One row per environment step. 1-D columns are plain Arrow arrays; columns with trailing
+dimensions are Arrow fixed-shape tensors; 1-D booleans use Arrow's canonical ``bool8`` (one
+byte per value) so that reading them is a view too. Spaces travel in the schema metadata,
+encoded with msgpack.
+
+>>> import numpy as np
+>>> b = SampleBatch({"obs": np.zeros((3, 2), np.float32), "rewards": np.array([1.0, 0.0, 2.0])})
+>>> len(b), b["obs"].shape, b.columns
+(3, (3, 2), ['obs', 'rewards'])
+>>> float(b[1:3]["rewards"].sum())
+2.0
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+
+from flowrl.spaces import decode_spaces, encode_spaces
+
+SPACES_KEY = b"flowrl.spaces"
+# Arrow has no multi-dimensional bool8; such columns are stored as uint8 tensors and marked.
+_DTYPE_KEY = b"flowrl.numpy_dtype"
+
+_SUPPORTED_KINDS = "biuf"  # bool, signed int, unsigned int, float
+
+
+def _check_column(name: str, value: Any, num_rows: int | None) -> np.ndarray:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"column names must be non-empty strings, got {name!r}")
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value)
+    except ValueError as e:  # numpy refuses ragged nested lists outright
+        raise ValueError(f"column {name!r}: ragged or irregular data ({e})") from None
+    if arr.dtype == object:
+        raise ValueError(f"column {name!r}: object dtype (ragged or mixed data) is not supported")
+    if arr.dtype.kind not in _SUPPORTED_KINDS:
+        raise ValueError(f"column {name!r}: dtype {arr.dtype} is not supported "
+                         "(bool, int8-64, uint8-64, float16/32/64)")
+    if arr.ndim == 0:
+        raise ValueError(f"column {name!r}: a scalar has no rows; give an array with a leading row dimension")
+    if 0 in arr.shape[1:]:
+        raise ValueError(f"column {name!r}: trailing dimensions must be non-zero, got shape {arr.shape}")
+    if num_rows is not None and len(arr) != num_rows:
+        raise ValueError(f"column {name!r} has {len(arr)} rows, expected {num_rows} like the other columns")
+    return arr
+
+
+def _tensor_array(arr: np.ndarray) -> pa.Array:
+    """A fixed-shape tensor column over `arr`'s memory (no copy), for any number of rows."""
+    shape = list(arr.shape[1:])
+    values = pa.array(arr.reshape(-1))
+    storage = pa.FixedSizeListArray.from_arrays(values, int(np.prod(shape)))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(values.type, shape), storage)
+
+
+def _to_arrow_column(arr: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | None]:
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 1:
+        if arr.dtype == np.bool_:
+            return pa.Bool8Array.from_numpy(arr), None
+        return pa.array(arr), None
+    if arr.dtype == np.bool_:
+        return _tensor_array(arr.view(np.uint8)), {_DTYPE_KEY: b"bool"}
+    return _tensor_array(arr), None
+
+
+def _column_view(array: pa.Array, field: pa.Field) -> np.ndarray:
+    if isinstance(array.type, pa.FixedShapeTensorType):
+        view = array.to_numpy_ndarray()
+        if field.metadata and field.metadata.get(_DTYPE_KEY) == b"bool":
+            view = view.view(np.bool_)
+    else:
+        view = array.to_numpy(zero_copy_only=True)
+    view.flags.writeable = False
+    return view
+
+
+def _normalize_arrow_column(name: str, array: pa.Array | pa.ChunkedArray, field: pa.Field) -> pa.Array:
+    """Accept what other Arrow writers produce; reject what a SampleBatch cannot hold."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    if array.null_count:
+        raise ValueError(f"column {name!r}: contains {array.null_count} null values")
+    t = array.type
+    if isinstance(t, pa.Bool8Type) or isinstance(t, pa.FixedShapeTensorType):
+        value_type = t.value_type if isinstance(t, pa.FixedShapeTensorType) else pa.int8()
+    elif pa.types.is_boolean(t):
+        return pa.Bool8Array.from_numpy(array.to_numpy(zero_copy_only=False))
+    elif pa.types.is_fixed_size_list(t):
+        # A tensor column written by a reader that dropped the extension type: rebuild it.
+        shape = [t.list_size]
+        inner = array
+        while pa.types.is_fixed_size_list(inner.type.value_type):
+            inner = inner.flatten()
+            shape.append(inner.type.list_size)
+        values = inner.flatten()
+        _require_numeric(name, values.type)
+        return _tensor_array(values.to_numpy(zero_copy_only=False).reshape([len(array), *shape]))
+    else:
+        value_type = t
+    _require_numeric(name, value_type)
+    return array
+
+
+def _require_numeric(name: str, t: pa.DataType) -> None:
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+            or isinstance(t, pa.Bool8Type)):
+        raise ValueError(f"column {name!r}: Arrow type {t} is not supported (numeric, bool or fixed-shape tensor)")
+
+
+def _summary(arr: np.ndarray) -> str:
+    text = f"np.ndarray({tuple(arr.shape)}, dtype={arr.dtype}"
+    if arr.size:
+        a = arr.astype(np.float64) if arr.dtype == np.bool_ else arr
+        text += f", min={a.min():.4g}, max={a.max():.4g}, mean={a.mean():.4g}"
+    return text + ")"
+
+
+def _rebuild(schema_bytes: bytes, buffers: list) -> "SampleBatch":
+    """Unpickle target: column data arrives as raw buffers (out of band under protocol 5)."""
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+    arrays = [_to_arrow_column(np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape))[0]
+              for shape, dtype, buf in buffers]
+    rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
+        pa.RecordBatch.from_pylist([], schema=schema)
+    return SampleBatch._wrap(rb)
+
+
+def _from_ipc_bytes(data: bytes) -> "SampleBatch":
+    return SampleBatch.from_ipc(data)
+
+
+class SampleBatch(Mapping):
+    """An immutable batch of experience; see the module docstring."""
+
+    __slots__ = ("_rb", "_spaces", "_views")
+
+    def __init__(self, columns: Mapping[str, Any] | None = None,
+                 spaces: Mapping[str, gym.Space] | None = None):
+        columns = dict(columns or {})
+        num_rows = None
+        arrays, fields = [], []
+        for name, value in columns.items():
+            arr = _check_column(name, value, num_rows)
+            num_rows = len(arr)
+            column, meta = _to_arrow_column(arr)
+            arrays.append(column)
+            fields.append(pa.field(name, column.type, nullable=False, metadata=meta))
+        spaces = dict(spaces or {})
+        for k, s in spaces.items():
+            if not isinstance(s, gym.Space):
+                raise ValueError(f"spaces[{k!r}] must be a gymnasium Space, got {type(s).__name__}")
+        schema = pa.schema(fields, metadata={SPACES_KEY: encode_spaces(spaces)} if spaces else None)
+        rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
+            pa.RecordBatch.from_pylist([], schema=schema)
+        self._init(rb, spaces)
+
+    def _init(self, rb: pa.RecordBatch, spaces: dict[str, gym.Space]) -> None:
+        self._rb = rb
+        self._spaces = spaces
+        self._views: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def _wrap(cls, rb: pa.RecordBatch, spaces: dict[str, gym.Space] | None = None) -> "SampleBatch":
+        self = cls.__new__(cls)
+        if spaces is None:
+            meta = rb.schema.metadata or {}
+            spaces = decode_spaces(meta[SPACES_KEY]) if SPACES_KEY in meta else {}
+        self._init(rb, spaces)
+        return self
+
+    # ---- reading -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._rb.num_rows
+
+    @property
+    def num_rows(self) -> int:
+        return self._rb.num_rows
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._rb.schema.names)
+
+    @property
+    def spaces(self) -> dict[str, gym.Space]:
+        return dict(self._spaces)
+
+    @property
+    def nbytes(self) -> int:
+        return self._rb.nbytes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rb.schema.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rb.schema.names
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            view = self._views.get(key)
+            if view is None:
+                try:
+                    index = self._rb.schema.get_field_index(key)
+                except KeyError:
+                    index = -1
+                if index < 0:
+                    raise KeyError(f"no column {key!r}; columns are {self.columns}") from None
+                view = _column_view(self._rb.column(index), self._rb.schema.field(index))
+                self._views[key] = view
+            return view
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("SampleBatch slices must be contiguous (step 1); use take() to gather rows")
+            return SampleBatch._wrap(self._rb.slice(start, max(stop - start, 0)), self._spaces)
+        raise TypeError(f"SampleBatch indices must be a column name or a slice, got {type(key).__name__}")
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> "SampleBatch":
+        """A new batch with the given rows, in the given order (a copy)."""
+        idx = pa.array(np.asarray(indices, dtype=np.int64))
+        return SampleBatch._wrap(self._rb.take(idx), self._spaces)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SampleBatch):
+            return NotImplemented
+        if self.columns != other.columns or len(self) != len(other) or self._spaces != other._spaces:
+            return False
+        for name in self.columns:
+            a, b = self[name], other[name]
+            if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+                return False
+        return True
+
+    __hash__ = None  # mutable-looking containers should not be hashable
+
+    def __repr__(self) -> str:
+        lines = [f"SampleBatch({len(self)} rows"]
+        for name in self.columns:
+            lines.append(f"  {name!r}: {_summary(self[name])}")
+        if self._spaces:
+            lines.append(f"  spaces: {self._spaces}")
+        return ",\n".join(lines) + ")"
+
+    # ---- new batches from old ones ----------------------------------------------------------
+    def with_columns(self, **columns: Any) -> "SampleBatch":
+        """A new batch with these columns added or replaced; the others are shared, not copied."""
+        arrays = dict(zip(self._rb.schema.names, self._rb.columns))
+        fields = {f.name: f for f in self._rb.schema}
+        for name, value in columns.items():
+            arr = _check_column(name, value, len(self) if self.columns else None)
+            column, meta = _to_arrow_column(arr)
+            arrays[name] = column
+            fields[name] = pa.field(name, column.type, nullable=False, metadata=meta)
+        schema = pa.schema([fields[n] for n in arrays], metadata=self._rb.schema.metadata)
+        return SampleBatch._wrap(pa.RecordBatch.from_arrays(list(arrays.values()), schema=schema), self._spaces)
+
+    def select(self, names: Sequence[str]) -> "SampleBatch":
+        missing = [n for n in names if n not in self]
+        if missing:
+            raise KeyError(f"no columns {missing}; columns are {self.columns}")
+        return SampleBatch._wrap(self._rb.select(list(names)), self._spaces)
+
+    @staticmethod
+    def concat(batches: Sequence["SampleBatch"]) -> "SampleBatch":
+        """One batch with the rows of all `batches`, in order. Columns must match."""
+        batches = list(batches)
+        if not batches:
+            return SampleBatch()
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        for i, b in enumerate(batches[1:], start=1):
+            if b.columns != first.columns:
+                raise ValueError(f"cannot concat: batch {i} has columns {b.columns}, batch 0 has {first.columns}")
+            for name in first.columns:
+                a, c = first[name], b[name]
+                if a.dtype != c.dtype or a.shape[1:] != c.shape[1:]:
+                    raise ValueError(f"cannot concat: column {name!r} is {c.dtype}{list(c.shape[1:])} in batch {i}"
+                                     f" but {a.dtype}{list(a.shape[1:])} in batch 0")
+        columns = {name: np.concatenate([b[name] for b in batches]) for name in first.columns}
+        out = SampleBatch(columns, first._spaces)
+        return out
+
+    def split_by_episode(self) -> list["SampleBatch"]:
+        """Contiguous pieces, each holding rows of exactly one `eps_id`, in order."""
+        if "eps_id" not in self:
+            raise KeyError(f"split_by_episode needs an 'eps_id' column; columns are {self.columns}")
+        eps = self["eps_id"]
+        if len(eps) == 0:
+            return []
+        starts = np.flatnonzero(eps[1:] != eps[:-1]) + 1
+        bounds = [0, *starts.tolist(), len(eps)]
+        return [self[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def shuffle(self, seed: int | np.random.Generator | None = None) -> "SampleBatch":
+        """A new batch with the rows in a random order (a copy)."""
+        rng = np.random.default_rng(seed)
+        return self.take(rng.permutation(len(self)))
+
+    def minibatches(self, size: int, seed: int | np.random.Generator | None = None,
+                    drop_last: bool = False) -> Iterator["SampleBatch"]:
+        """One pass over the rows in random order, `size` rows at a time (the last may be smaller
+        unless `drop_last`). Every row appears exactly once per pass."""
+        if size <= 0:
+            raise ValueError(f"minibatch size must be positive, got {size}")
+        shuffled = self.shuffle(seed)
+        n = len(shuffled)
+        for start in range(0, n, size):
+            if drop_last and start + size > n:
+                return
+            yield shuffled[start:start + size]
+
+    # ---- conversions -----------------------------------------------------------------------
+    def to_arrow(self) -> pa.RecordBatch:
+        return self._rb
+
+    @classmethod
+    def from_arrow(cls, data: pa.Table | pa.RecordBatch) -> "SampleBatch":
+        """Wrap an Arrow table or record batch (no copy when it is one chunk of supported types)."""
+        if isinstance(data, pa.Table):
+            names = data.schema.names
+            arrays = [_normalize_arrow_column(n, data.column(n), data.schema.field(n)) for n in names]
+        elif isinstance(data, pa.RecordBatch):
+            names = data.schema.names
+            arrays = [_normalize_arrow_column(n, data.column(i), data.schema.field(i)) for i, n in enumerate(names)]
+        else:
+            raise TypeError(f"from_arrow takes a pyarrow Table or RecordBatch, got {type(data).__name__}")
+        fields = [pa.field(n, a.type, nullable=False, metadata=data.schema.field(n).metadata)
+                  for n, a in zip(names, arrays)]
+        schema = pa.schema(fields, metadata=data.schema.metadata)
+        rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
+            pa.RecordBatch.from_pylist([], schema=schema)
+        return cls._wrap(rb)
+
+    def to_ipc(self) -> pa.Buffer:
+        """The batch as an Arrow IPC stream in one buffer."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self._rb.schema) as writer:
+            writer.write_batch(self._rb)
+        return sink.getvalue()
+
+    @classmethod
+    def from_ipc(cls, buf) -> "SampleBatch":
+        """Read a batch from an Arrow IPC stream buffer (zero-copy from `buf`)."""
+        try:
+            reader = pa.ipc.open_stream(pa.py_buffer(buf) if not isinstance(buf, pa.Buffer) else buf)
+            batches = list(reader)
+            schema = reader.schema
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+            raise ValueError(f"not a valid SampleBatch IPC buffer: {e}") from None
+        if not batches:
+            return cls.from_arrow(pa.Table.from_batches([], schema=schema))
+        if len(batches) == 1:
+            return cls.from_arrow(batches[0])
+        return cls.from_arrow(pa.Table.from_batches(batches, schema=schema))
+
+    def to_torch(self, device=None) -> dict[str, Any]:
+        """A dict of torch tensors. On CPU they share memory with the batch and must not be
+        written to; pass `device` to copy them elsewhere."""
+        import torch
+
+        out = {}
+        with warnings.catch_warnings():
+            # The Arrow buffers are read-only; torch warns that it cannot enforce that.
+            warnings.simplefilter("ignore", UserWarning)
+            for name in self.columns:
+                t = torch.from_numpy(self[name])
+                out[name] = t.to(device) if device is not None else t
+        return out
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {name: self[name] for name in self.columns}
+
+    # ---- pickling: Ray moves the column buffers out of band, with no extra copy -------------
+    def __reduce_ex__(self, protocol: int):
+        if protocol < 5:
+            return _from_ipc_bytes, (self.to_ipc().to_pybytes(),)
+        buffers = []
+        for name in self.columns:
+            view = self[name]
+            flat = np.ascontiguousarray(view)
+            # Hand the raw storage (bool as uint8) to pickle; it may keep it out of band.
+            storage = flat.view(np.uint8) if flat.dtype == np.bool_ else flat
+            buffers.append((list(view.shape), view.dtype.str, pickle.PickleBuffer(storage.reshape(-1))))
+        return _rebuild, (self._rb.schema.serialize().to_pybytes(), buffers)

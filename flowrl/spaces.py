@@ -1,0 +1,100 @@
+"""Gymnasium spaces to and from msgpack, so they can travel in Arrow schema metadata.
+
+Never pickle: a dataset or checkpoint read from disk must not be able to run code.
+
+>>> import gymnasium as gym
+>>> space = gym.spaces.Dict({"pos": gym.spaces.Box(-1.0, 1.0, (2,)), "n": gym.spaces.Discrete(3)})
+>>> decode_space(encode_space(space)) == space
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import msgpack
+import numpy as np
+
+
+class SpaceDecodeError(ValueError):
+    """A space description that cannot be turned back into a gymnasium space."""
+
+
+def _array(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def _unarray(d: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def space_to_dict(space: gym.Space) -> dict[str, Any]:
+    """A plain, msgpack-able description of `space` (Box, Discrete, MultiDiscrete,
+    MultiBinary, and Dict/Tuple of those)."""
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "low": _array(space.low), "high": _array(space.high),
+                "dtype": np.dtype(space.dtype).str}
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "nvec": _array(space.nvec), "start": _array(space.start),
+                "dtype": np.dtype(space.dtype).str}
+    if isinstance(space, gym.spaces.MultiBinary):
+        n = space.n if isinstance(space.n, int) else list(space.n)
+        return {"type": "MultiBinary", "n": n}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": [[k, space_to_dict(s)] for k, s in space.spaces.items()]}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [space_to_dict(s) for s in space.spaces]}
+    raise TypeError(f"cannot encode space of type {type(space).__name__}; "
+                    "supported: Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple")
+
+
+def space_from_dict(d: dict[str, Any]) -> gym.Space:
+    try:
+        kind = d["type"]
+        if kind == "Box":
+            low, high = _unarray(d["low"]), _unarray(d["high"])
+            return gym.spaces.Box(low, high, shape=low.shape, dtype=np.dtype(d["dtype"]))
+        if kind == "Discrete":
+            return gym.spaces.Discrete(d["n"], start=d["start"])
+        if kind == "MultiDiscrete":
+            return gym.spaces.MultiDiscrete(_unarray(d["nvec"]), dtype=np.dtype(d["dtype"]),
+                                            start=_unarray(d["start"]))
+        if kind == "MultiBinary":
+            return gym.spaces.MultiBinary(d["n"])
+        if kind == "Dict":
+            return gym.spaces.Dict({k: space_from_dict(s) for k, s in d["spaces"]})
+        if kind == "Tuple":
+            return gym.spaces.Tuple([space_from_dict(s) for s in d["spaces"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpaceDecodeError(f"malformed space description: {e}") from None
+    raise SpaceDecodeError(f"unknown space type {kind!r}")
+
+
+def encode_space(space: gym.Space) -> bytes:
+    return msgpack.packb(space_to_dict(space), use_bin_type=True)
+
+
+def decode_space(data: bytes) -> gym.Space:
+    try:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise SpaceDecodeError(f"space metadata is not valid msgpack: {e}") from None
+    return space_from_dict(d)
+
+
+def encode_spaces(spaces: dict[str, gym.Space]) -> bytes:
+    return msgpack.packb({k: space_to_dict(s) for k, s in spaces.items()}, use_bin_type=True)
+
+
+def decode_spaces(data: bytes) -> dict[str, gym.Space]:
+    try:
+        d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise SpaceDecodeError(f"space metadata is not valid msgpack: {e}") from None
+    if not isinstance(d, dict):
+        raise SpaceDecodeError("space metadata must be a map of column name to space")
+    return {k: space_from_dict(s) for k, s in d.items()}

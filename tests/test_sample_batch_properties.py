@@ -1,0 +1,64 @@
+"""Property tests: every round trip and every split gives back the original batch."""
+
+import pickle
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowrl import SampleBatch
+from strategies import batches, columns, spaces
+from flowrl.spaces import decode_space, encode_space
+
+
+@given(batches())
+def test_ipc_round_trip_equals_original(batch):
+    back = SampleBatch.from_ipc(batch.to_ipc())
+    assert back == batch
+    for name in batch.columns:
+        assert back[name].dtype == batch[name].dtype and back[name].shape == batch[name].shape
+    assert back.spaces == batch.spaces
+
+
+@given(batches())
+def test_pickle_round_trip_both_protocols(batch):
+    for protocol in (4, 5):
+        assert pickle.loads(pickle.dumps(batch, protocol=protocol)) == batch
+
+
+@given(spaces)
+def test_space_codec_round_trip(space):
+    assert decode_space(encode_space(space)) == space
+
+
+@given(batches(min_rows=1), st.data())
+def test_concat_of_any_split_equals_original(batch, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(batch)), max_size=5)))
+    bounds = [0, *cuts, len(batch)]
+    pieces = [batch[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    assert sum(len(p) for p in pieces) == len(batch)
+    assert SampleBatch.concat(pieces) == batch
+
+
+@given(batches(min_rows=1))
+def test_split_by_episode_then_concat_equals_original(batch):
+    pieces = batch.split_by_episode()
+    for piece in pieces:
+        assert len(np.unique(piece["eps_id"])) == 1
+    for left, right in zip(pieces[:-1], pieces[1:]):
+        assert left["eps_id"][-1] != right["eps_id"][0]
+    assert SampleBatch.concat(pieces) == batch
+
+
+@given(columns(min_rows=1), st.integers(1, 7), st.integers(0, 2**32 - 1))
+def test_minibatches_cover_every_row_once(cols, size, seed):
+    cols["row"] = np.arange(len(cols["eps_id"]))
+    batch = SampleBatch(cols)
+    seen = np.concatenate([mb["row"] for mb in batch.minibatches(size, seed=seed)])
+    assert sorted(seen.tolist()) == list(range(len(batch)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=batches())
+def test_ray_round_trip_equals_original(ray_session, batch):
+    assert ray_session.get(ray_session.put(batch)) == batch
