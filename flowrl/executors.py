@@ -57,6 +57,10 @@ class Executor:
     def submit(self, handle: Any, method: str, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
 
+    def put(self, value: Any) -> Any:
+        """`value` stored once for many calls (Ray's object store); locally, the value itself."""
+        return value
+
     def wait(self, refs: list, timeout: float) -> list:
         """Some of `refs` that are ready (at least one unless `timeout` passed)."""
         raise NotImplementedError
@@ -169,6 +173,11 @@ class RayExecutor(Executor):
     def submit(self, handle, method, args, kwargs):
         return getattr(handle, method).remote(*args, **kwargs)
 
+    def put(self, value):
+        import ray
+
+        return ray.put(value)
+
     def wait(self, refs, timeout):
         import ray
 
@@ -216,13 +225,15 @@ def make_executor(kind: str = "local", **kwargs: Any) -> Executor:
 class ActorSet:
     """`num_actors` actors of class `cls`, started on the plan's executor when the plan starts.
 
-    If `cls.__init__` takes an `actor_index` argument it receives 0..N-1 (for seeding). A dead
+    If `cls.__init__` takes an `actor_index` argument it receives `index_offset` + 0..N-1 (for
+    seeding). A dead
     actor is replaced by a new one built with the same arguments, at most `max_restarts` times
     in all; `on_replace` callbacks then run with the index (to resend weights, say).
     """
 
     def __init__(self, cls: type, num_actors: int, args: Sequence = (), kwargs: dict | None = None,
-                 name: str | None = None, max_restarts: int = 3, num_cpus_per_actor: float = 1.0):
+                 name: str | None = None, max_restarts: int = 3, num_cpus_per_actor: float = 1.0,
+                 index_offset: int = 0):
         if num_actors < 0:
             raise ValueError("num_actors must be >= 0")
         self.cls = cls
@@ -232,6 +243,7 @@ class ActorSet:
         self.name = name or cls.__name__
         self.max_restarts = max_restarts
         self.num_cpus_per_actor = num_cpus_per_actor
+        self.index_offset = index_offset
         self.num_restarts = 0
         self.on_replace: list[Callable[[int], None]] = []
         self._executor: Executor | None = None
@@ -252,7 +264,7 @@ class ActorSet:
         self._handles = [self._create(i) for i in range(self.num_actors)]
 
     def _create(self, index: int) -> Any:
-        kwargs = dict(self.kwargs, actor_index=index) if self._pass_index else self.kwargs
+        kwargs = dict(self.kwargs, actor_index=index + self.index_offset) if self._pass_index else self.kwargs
         return self._executor.create_actor(self.cls, self.args, kwargs, self.num_cpus_per_actor)
 
     @property

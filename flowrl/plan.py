@@ -39,6 +39,8 @@ class PlanContext:
         self.executor = executor
         self.counters = Counters({k: 0 for k in STANDARD_COUNTERS})
         self.info: dict[str, Any] = {}  # extra values an operator wants in the next result
+        # (return, length) of the most recent finished episodes, for return/length means.
+        self.episodes: collections.deque[tuple[float, int]] = collections.deque(maxlen=100)
         self._opened: dict[int, Any] = {}
         self._threads: list[Any] = []
         self._actor_sets: list[ActorSet] = []
@@ -120,17 +122,18 @@ class Plan:
     started it (a Ray instance it created).
 
     `report(item, ctx) -> dict` (or an operator with `setup(ctx)` and `__call__(item)`) adds
-    its values to each result; without it a Mapping item is merged in and anything else is
-    returned under "output". A plan started with no executor uses the local one.
+    its values to each result; without it a dict item is merged in and anything else (a
+    SampleBatch included) is returned under "output". A plan started with no executor uses the local one.
     """
 
     def __init__(self, output: Stream, report: Any = None, executor: Executor | None = None,
-                 min_time_s: float = 0.0, min_items: int = 1, name: str = "plan"):
+                 min_time_s: float = 0.0, min_items: int = 1, min_env_steps: int = 0, name: str = "plan"):
         self.output = output
         self.report = report
         self.executor = executor
         self.min_time_s = min_time_s
         self.min_items = max(1, min_items)
+        self.min_env_steps = min_env_steps
         self.name = name
         self.ctx: PlanContext | None = None
         self._it: Iterator | None = None
@@ -182,8 +185,11 @@ class Plan:
         t0 = time.perf_counter()
         items = 0
         item = None
+        counters = self.ctx.counters
+        steps_before = counters["num_env_steps_sampled"]
         try:
-            while items < self.min_items or time.perf_counter() - t0 < self.min_time_s:
+            while (items < self.min_items or time.perf_counter() - t0 < self.min_time_s
+                   or counters["num_env_steps_sampled"] - steps_before < self.min_env_steps):
                 try:
                     item = next(self._it)
                 except StopIteration:
@@ -204,7 +210,8 @@ class Plan:
         result: dict[str, Any] = {"training_iteration": self._iteration}
         result.update(self.ctx.counters)
         result["num_actor_restarts"] = self.ctx.num_actor_restarts
-        result.update({"items_this_iter": items, "time_this_iter_s": elapsed, "time_total_s": self._time_total})
+        result.update({"items_this_iter": items, "time_this_iter_s": elapsed, "time_total_s": self._time_total,
+                       "env_steps_per_s": (counters["num_env_steps_sampled"] - steps_before) / max(elapsed, 1e-9)})
         result.update(self.ctx.info)
         self.ctx.info.clear()
         result.update(extra)
@@ -215,7 +222,7 @@ class Plan:
             if hasattr(self.report, "setup"):
                 return dict(self.report(item))
             return dict(self.report(item, self.ctx))
-        if isinstance(item, Mapping):
+        if type(item) is dict:
             return dict(item)
         return {"output": item}
 

@@ -21,12 +21,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
+import msgpack
 import numpy as np
 import pyarrow as pa
 
 from flowrl.spaces import decode_spaces, encode_spaces
 
 SPACES_KEY = b"flowrl.spaces"
+# Episodes that finished while the rows were sampled: msgpack [[return, length], ...].
+EPISODES_KEY = b"flowrl.episodes"
 # Arrow has no multi-dimensional bool8; such columns are stored as uint8 tensors and marked.
 _DTYPE_KEY = b"flowrl.numpy_dtype"
 
@@ -147,7 +150,8 @@ class SampleBatch(Mapping):
     __slots__ = ("_rb", "_spaces", "_views")
 
     def __init__(self, columns: Mapping[str, Any] | None = None,
-                 spaces: Mapping[str, gym.Space] | None = None):
+                 spaces: Mapping[str, gym.Space] | None = None,
+                 episodes: Sequence[tuple[float, int]] | None = None):
         columns = dict(columns or {})
         num_rows = None
         arrays, fields = [], []
@@ -161,7 +165,12 @@ class SampleBatch(Mapping):
         for k, s in spaces.items():
             if not isinstance(s, gym.Space):
                 raise ValueError(f"spaces[{k!r}] must be a gymnasium Space, got {type(s).__name__}")
-        schema = pa.schema(fields, metadata={SPACES_KEY: encode_spaces(spaces)} if spaces else None)
+        metadata = {}
+        if spaces:
+            metadata[SPACES_KEY] = encode_spaces(spaces)
+        if episodes:
+            metadata[EPISODES_KEY] = msgpack.packb([[float(r), int(n)] for r, n in episodes])
+        schema = pa.schema(fields, metadata=metadata or None)
         rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
             pa.RecordBatch.from_pylist([], schema=schema)
         self._init(rb, spaces)
@@ -197,6 +206,18 @@ class SampleBatch(Mapping):
         return dict(self._spaces)
 
     @property
+    def episodes(self) -> list[tuple[float, int]]:
+        """(return, length) of each episode that finished while this batch was sampled. Kept by
+        `with_columns` and merged by `concat`; slices and other row selections drop it."""
+        raw = (self._rb.schema.metadata or {}).get(EPISODES_KEY)
+        if not raw:
+            return []
+        try:
+            return [(float(r), int(n)) for r, n in msgpack.unpackb(raw)]
+        except Exception as e:
+            raise ValueError(f"malformed episode metadata: {e}") from None
+
+    @property
     def nbytes(self) -> int:
         return self._rb.nbytes
 
@@ -223,7 +244,7 @@ class SampleBatch(Mapping):
             start, stop, step = key.indices(len(self))
             if step != 1:
                 raise ValueError("SampleBatch slices must be contiguous (step 1); use take() to gather rows")
-            return SampleBatch._wrap(self._rb.slice(start, max(stop - start, 0)), self._spaces)
+            return self._rows(self._rb.slice(start, max(stop - start, 0)))
         raise TypeError(f"SampleBatch indices must be a column name or a slice, got {type(key).__name__}")
 
     def get(self, key, default=None):
@@ -232,12 +253,21 @@ class SampleBatch(Mapping):
     def take(self, indices: Sequence[int] | np.ndarray) -> "SampleBatch":
         """A new batch with the given rows, in the given order (a copy)."""
         idx = pa.array(np.asarray(indices, dtype=np.int64))
-        return SampleBatch._wrap(self._rb.take(idx), self._spaces)
+        return self._rows(self._rb.take(idx))
+
+    def _rows(self, rb: pa.RecordBatch) -> "SampleBatch":
+        # The episode summary describes the sampled batch as a whole, not a selection of rows
+        # (concatenating slices would otherwise count each episode again).
+        meta = rb.schema.metadata
+        if meta and EPISODES_KEY in meta:
+            rb = rb.replace_schema_metadata({k: v for k, v in meta.items() if k != EPISODES_KEY})
+        return SampleBatch._wrap(rb, self._spaces)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SampleBatch):
             return NotImplemented
-        if self.columns != other.columns or len(self) != len(other) or self._spaces != other._spaces:
+        if self.columns != other.columns or len(self) != len(other) or self._spaces != other._spaces \
+                or self.episodes != other.episodes:
             return False
         for name in self.columns:
             a, b = self[name], other[name]
@@ -292,8 +322,7 @@ class SampleBatch(Mapping):
                     raise ValueError(f"cannot concat: column {name!r} is {c.dtype}{list(c.shape[1:])} in batch {i}"
                                      f" but {a.dtype}{list(a.shape[1:])} in batch 0")
         columns = {name: np.concatenate([b[name] for b in batches]) for name in first.columns}
-        out = SampleBatch(columns, first._spaces)
-        return out
+        return SampleBatch(columns, first._spaces, [e for b in batches for e in b.episodes])
 
     def split_by_episode(self) -> list["SampleBatch"]:
         """Contiguous pieces, each holding rows of exactly one `eps_id`, in order."""

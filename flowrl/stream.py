@@ -188,7 +188,7 @@ def zip_streams(name: str = "zip", **streams: Stream) -> Stream[dict[str, Any]]:
 
     >>> from flowrl.plan import Plan
     >>> z = zip_streams(a=Stream.from_iterable([1, 2]), b=Stream.from_iterable("xyz"))
-    >>> with Plan(z) as plan:   # a Mapping item is merged into the result record
+    >>> with Plan(z) as plan:   # a dict item is merged into the result record
     ...     result = plan.step()
     >>> result["a"], result["b"]
     (1, 'x')

@@ -198,3 +198,13 @@ def test_ray_put_get_and_actor_round_trip(ray_session):
     back = ray.get(echo.echo.remote(b))
     assert back.select(b.columns) == b and back["seen"].tolist() == [1] * 6
     ray.kill(echo)
+
+
+def test_episodes_travel_with_the_batch_and_merge_on_concat():
+    b = SampleBatch({"x": np.arange(4)}, episodes=[(10.0, 5), (3.5, 2)])
+    assert b.episodes == [(10.0, 5), (3.5, 2)]
+    assert SampleBatch.from_ipc(b.to_ipc()).episodes == b.episodes
+    assert b.with_columns(y=np.zeros(4)).episodes == b.episodes
+    assert b[0:2].episodes == [] and b.shuffle(0).episodes == []
+    c = SampleBatch({"x": np.arange(2)}, episodes=[(1.0, 1)])
+    assert SampleBatch.concat([b, c]).episodes == [(10.0, 5), (3.5, 2), (1.0, 1)]

@@ -1,0 +1,342 @@
+"""Torch actor-critic policies built from gymnasium spaces.
+
+- Observations: Box -> MLP (or a small CNN for image-shaped Box), Discrete/MultiDiscrete ->
+  one-hot, MultiBinary -> float, Dict/Tuple -> each part flattened and concatenated.
+- Actions: Discrete -> Categorical, Box -> diagonal Gaussian (the env gets the sample clipped
+  to the bounds; log-probabilities are of the unclipped sample), MultiDiscrete -> one
+  Categorical per dimension.
+- A custom torch module is chosen by a registered name or "module:Class" in
+  `model: {custom_model: ...}`; it is built as `Class(observation_space, action_space,
+  num_outputs, model_config)` and its `forward(obs)` returns `(dist_inputs, values)`.
+
+>>> import gymnasium as gym, numpy as np
+>>> policy = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), seed=0)
+>>> out = policy.compute_actions(np.zeros((3, 4), np.float32))
+>>> out.actions.shape, out.logp.shape, out.values.shape
+((3,), (3,), (3,))
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+_MODELS: dict[str, type] = {}
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def register_model(name: str, cls: type) -> None:
+    """Make a custom torch module available as `model: {custom_model: name}`."""
+    _MODELS[name] = cls
+
+
+def resolve_class(spec: str, registry: dict[str, Any], what: str) -> Any:
+    """A registered name, or "package.module:Attr"."""
+    if spec in registry:
+        return registry[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown {what} {spec!r}; registered: {sorted(registry)}, or give 'package.module:Name'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+# ---- observations --------------------------------------------------------------------------------
+def is_image(space: gym.Space) -> bool:
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and min(space.shape[:2]) >= 7
+
+
+def flat_obs_size(space: gym.Space) -> int:
+    if isinstance(space, gym.spaces.Box):
+        return int(np.prod(space.shape))
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.n)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return int(np.sum(space.nvec))
+    if isinstance(space, gym.spaces.MultiBinary):
+        return int(np.prod(space.n))
+    if isinstance(space, gym.spaces.Dict):
+        return sum(flat_obs_size(s) for s in space.spaces.values())
+    if isinstance(space, gym.spaces.Tuple):
+        return sum(flat_obs_size(s) for s in space.spaces)
+    raise ValueError(f"observation space {space} is not supported (Box, Discrete, MultiDiscrete, "
+                     "MultiBinary, Dict, Tuple)")
+
+
+def obs_to_array(space: gym.Space, obs: Any) -> np.ndarray:
+    """A batch of observations from a vector env as one array with a row per env: Box kept as
+    is (images stay uint8), everything else flattened to float32."""
+    if isinstance(space, gym.spaces.Box):
+        return np.asarray(obs)
+    n = len(obs) if not isinstance(obs, (dict, tuple)) else None
+    return _flatten(space, obs, n)
+
+
+def _flatten(space: gym.Space, obs: Any, n: int | None) -> np.ndarray:
+    if isinstance(space, gym.spaces.Box):
+        a = np.asarray(obs, dtype=np.float32)
+        return a.reshape(len(a), -1)
+    if isinstance(space, gym.spaces.Discrete):
+        idx = np.asarray(obs, dtype=np.int64) - space.start
+        return np.eye(space.n, dtype=np.float32)[idx]
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        idx = np.asarray(obs, dtype=np.int64).reshape(len(obs), -1) - space.start.reshape(1, -1)
+        return np.concatenate([np.eye(k, dtype=np.float32)[idx[:, j]] for j, k in enumerate(space.nvec.reshape(-1))],
+                              axis=1)
+    if isinstance(space, gym.spaces.MultiBinary):
+        a = np.asarray(obs, dtype=np.float32)
+        return a.reshape(len(a), -1)
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([_flatten(s, obs[k], n) for k, s in space.spaces.items()], axis=1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([_flatten(s, obs[i], n) for i, s in enumerate(space.spaces)], axis=1)
+    raise ValueError(f"observation space {space} is not supported")
+
+
+# ---- action distributions ----------------------------------------------------------------------
+class ActionDist:
+    """A batch of action distributions with the few methods the losses need."""
+
+    def __init__(self, dist: torch.distributions.Distribution, sum_last: bool):
+        self.dist = dist
+        self.sum_last = sum_last
+
+    def _reduce(self, x):
+        return x.sum(-1) if self.sum_last else x
+
+    def sample(self, generator: torch.Generator | None = None):
+        d = self.dist
+        if isinstance(d, torch.distributions.Categorical):
+            flat = d.probs.reshape(-1, d.probs.shape[-1])
+            return torch.multinomial(flat, 1, generator=generator).reshape(d.probs.shape[:-1])
+        if isinstance(d, torch.distributions.Normal):
+            return d.mean + d.stddev * torch.randn(d.mean.shape, generator=generator)
+        return d.sample(generator=generator)
+
+    def log_prob(self, actions):
+        return self._reduce(self.dist.log_prob(actions))
+
+    def entropy(self):
+        return self._reduce(self.dist.entropy())
+
+    def kl(self, other: "ActionDist"):
+        return self._reduce(torch.distributions.kl_divergence(self.dist, other.dist))
+
+    def mode(self):
+        if isinstance(self.dist, torch.distributions.Normal):
+            return self.dist.mean
+        return self.dist.probs.argmax(-1)
+
+
+class MultiCategorical(torch.distributions.Distribution):
+    """Independent categoricals, one per MultiDiscrete dimension."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, logits: torch.Tensor, nvec: list[int]):
+        self.parts = [torch.distributions.Categorical(logits=chunk) for chunk in torch.split(logits, nvec, dim=-1)]
+        super().__init__(batch_shape=logits.shape[:-1], validate_args=False)
+
+    def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None):
+        return torch.stack([ActionDist(p, False).sample(generator) for p in self.parts], dim=-1)
+
+    def log_prob(self, value):
+        return torch.stack([p.log_prob(value[..., i]) for i, p in enumerate(self.parts)], dim=-1)
+
+    def entropy(self):
+        return torch.stack([p.entropy() for p in self.parts], dim=-1)
+
+    @property
+    def probs(self):
+        raise AttributeError("use mode()")
+
+
+@torch.distributions.kl.register_kl(MultiCategorical, MultiCategorical)
+def _kl_multi(p: MultiCategorical, q: MultiCategorical):
+    return torch.stack([torch.distributions.kl_divergence(a, b) for a, b in zip(p.parts, q.parts)], dim=-1)
+
+
+def num_dist_inputs(action_space: gym.Space) -> int:
+    if isinstance(action_space, gym.spaces.Discrete):
+        return int(action_space.n)
+    if isinstance(action_space, gym.spaces.Box):
+        return int(np.prod(action_space.shape))
+    if isinstance(action_space, gym.spaces.MultiDiscrete):
+        return int(np.sum(action_space.nvec))
+    raise ValueError(f"action space {action_space} is not supported (Discrete, Box, MultiDiscrete)")
+
+
+# ---- the default model ---------------------------------------------------------------------------
+def _layer(n_in: int, n_out: int, std: float = math.sqrt(2)) -> nn.Linear:
+    # Orthogonal init as in the PPO implementation details (Huang et al. 2022).
+    layer = nn.Linear(n_in, n_out)
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _mlp(n_in: int, hidden: list[int], activation: str, n_out: int, out_std: float) -> nn.Sequential:
+    act = ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [_layer(n_in, h), act()]
+        n_in = h
+    layers.append(_layer(n_in, n_out, out_std))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Two strided convolutions and a linear layer, for HxWxC images scaled from [0, 255]."""
+
+    def __init__(self, shape: tuple[int, ...], out_size: int, scale: float):
+        super().__init__()
+        h, w, c = shape
+        self.scale = scale
+        self.net = nn.Sequential(nn.Conv2d(c, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                                 nn.Flatten())
+        with torch.no_grad():
+            n = self.net(torch.zeros(1, c, h, w)).shape[1]
+        self.out = nn.Sequential(_layer(n, out_size), nn.ReLU())
+
+    def forward(self, obs):
+        return self.out(self.net(obs.permute(0, 3, 1, 2).float() / self.scale))
+
+
+class ActorCritic(nn.Module):
+    """Separate policy and value networks (the default in CleanRL's PPO); an image encoder is
+    shared when the observations are images."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space, num_outputs: int,
+                 model_config: dict[str, Any]):
+        super().__init__()
+        hidden = list(model_config.get("hidden", [64, 64]))
+        activation = model_config.get("activation", "tanh")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if is_image(observation_space):
+            scale = 255.0 if observation_space.dtype == np.uint8 else 1.0
+            self.encoder: nn.Module = SmallCNN(observation_space.shape, hidden[-1] if hidden else 256, scale)
+            n_in, hidden = (hidden[-1] if hidden else 256), []
+        else:
+            self.encoder = nn.Flatten()
+            n_in = flat_obs_size(observation_space)
+        self.pi = _mlp(n_in, hidden, activation, num_outputs, out_std=0.01)
+        self.vf = _mlp(n_in, hidden, activation, 1, out_std=1.0)
+
+    def forward(self, obs: torch.Tensor):
+        features = self.encoder(obs if obs.dtype != torch.float64 else obs.float())
+        if features.dtype != torch.float32:
+            features = features.float()
+        return self.pi(features), self.vf(features).squeeze(-1)
+
+
+@dataclass
+class Actions:
+    env_actions: np.ndarray   # what the env gets (Box actions clipped to the bounds)
+    actions: np.ndarray       # what was sampled (stored in batches; log-probs refer to these)
+    logp: np.ndarray
+    values: np.ndarray
+
+
+class TorchPolicy:
+    """A model, its action distribution, and (on the learner) its optimizer."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space,
+                 model: dict[str, Any] | None = None, seed: int | None = None, lr: float = 3e-4,
+                 sample_seed: int | None = None):
+        """`seed` initializes the model (every copy of one policy uses the same seed, so all start
+        with the same weights); `sample_seed` (default: `seed`) drives action sampling, from a
+        generator of this policy's own, so policies in one process don't disturb each other."""
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.model_config = dict(model or {})
+        self.lr = lr
+        num_outputs = num_dist_inputs(action_space)
+        if seed is not None:
+            torch.manual_seed(seed)
+        custom = self.model_config.get("custom_model")
+        model_cls = resolve_class(custom, _MODELS, "custom_model") if custom else ActorCritic
+        self.model: nn.Module = model_cls(observation_space, action_space, num_outputs, self.model_config)
+        self.log_std = None
+        if isinstance(action_space, gym.spaces.Box):
+            # State-independent log standard deviation, learned (Schulman et al. 2017).
+            self.log_std = nn.Parameter(torch.zeros(num_outputs))
+            self.model.register_parameter("log_std", self.log_std)
+            self._low = action_space.low.reshape(-1)
+            self._high = action_space.high.reshape(-1)
+        self.weights_version = 0
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.generator = torch.Generator()
+        sample_seed = sample_seed if sample_seed is not None else seed
+        if sample_seed is not None:
+            self.generator.manual_seed(sample_seed)
+        else:
+            self.generator.seed()
+
+    # ---- acting ---------------------------------------------------------------------------------
+    def dist(self, dist_inputs: torch.Tensor) -> ActionDist:
+        space = self.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return ActionDist(torch.distributions.Categorical(logits=dist_inputs), sum_last=False)
+        if isinstance(space, gym.spaces.Box):
+            std = self.log_std.expand_as(dist_inputs).exp()
+            return ActionDist(torch.distributions.Normal(dist_inputs, std), sum_last=True)
+        nvec = [int(k) for k in space.nvec.reshape(-1)]
+        return ActionDist(MultiCategorical(dist_inputs, nvec), sum_last=True)
+
+    def to_tensor(self, obs: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(obs)
+        return t if t.dtype == torch.uint8 else t.float()
+
+    def compute_actions(self, obs: np.ndarray, explore: bool = True) -> Actions:
+        with torch.inference_mode():
+            dist_inputs, values = self.model(self.to_tensor(obs))
+            dist = self.dist(dist_inputs)
+            actions = dist.sample(self.generator) if explore else dist.mode()
+            logp = dist.log_prob(actions)
+        actions_np = actions.numpy()
+        env_actions = actions_np
+        if isinstance(self.action_space, gym.spaces.Box):
+            actions_np = actions_np.reshape(len(actions_np), *self.action_space.shape).astype(np.float32)
+            env_actions = np.clip(actions_np, self.action_space.low, self.action_space.high)
+        elif isinstance(self.action_space, gym.spaces.Discrete):
+            env_actions = actions_np + self.action_space.start
+        return Actions(env_actions, actions_np, logp.numpy().astype(np.float32), values.numpy().astype(np.float32))
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(self.to_tensor(obs))[1].numpy().astype(np.float32)
+
+    # ---- learning -------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, eps=1e-5)
+        return self._optimizer
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> None:
+        self.model.load_state_dict(weights)
+        if version is not None:
+            self.weights_version = version

@@ -1,0 +1,48 @@
+"""StandardMetricsReporting: what every RL result record holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flowrl.plan import PlanContext
+
+
+class StandardMetricsReporting:
+    """A plan's `report`: episode statistics over the last 100 finished episodes, RLlib's
+    aliases for the counters, and the learner's statistics (the item, when it is a Mapping).
+    How often a result is made is the plan's to say (`Plan(min_time_s=..., min_env_steps=...)`).
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> report = StandardMetricsReporting()
+    >>> with Plan(Stream.from_iterable([{"total_loss": 0.5}]), report=report) as plan:
+    ...     plan.ctx.episodes.extend([(10.0, 10), (20.0, 20)])
+    ...     result = plan.step()
+    >>> result["episode_return_mean"], result["episode_len_mean"], result["total_loss"]
+    (15.0, 15.0, 0.5)
+    """
+
+    name = "StandardMetricsReporting"
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, item: Any) -> dict[str, Any]:
+        episodes = self.ctx.episodes
+        returns = np.array([r for r, _ in episodes], dtype=np.float64)
+        lengths = np.array([n for _, n in episodes], dtype=np.float64)
+        counters = self.ctx.counters
+        out: dict[str, Any] = {
+            "episode_return_mean": float(returns.mean()) if len(returns) else None,
+            "episode_return_min": float(returns.min()) if len(returns) else None,
+            "episode_return_max": float(returns.max()) if len(returns) else None,
+            "episode_len_mean": float(lengths.mean()) if len(lengths) else None,
+            "timesteps_total": counters["num_env_steps_sampled"],
+            "episodes_total": counters["num_episodes"],
+        }
+        if isinstance(item, Mapping):
+            out.update(item)
+        return out

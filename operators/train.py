@@ -1,0 +1,233 @@
+"""Operators that learn and share what was learned: TrainOneStep, ComputeGradients,
+AverageGradients, ApplyGradients, UpdateWeights, UpdateTargetNetwork.
+
+A loss function has the signature `loss_fn(policy, batch: dict[str, Tensor]) -> (loss, stats)`
+where `stats` maps names to floats or 0-d tensors (reported as the learner's statistics).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowrl.plan import PlanContext
+from flowrl.policy import TorchPolicy
+from flowrl.rollout import WorkerSet
+from flowrl.sample_batch import SampleBatch
+from flowrl.stream import FlatMap, Map
+
+LossFn = Callable[[TorchPolicy, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def _floats(stats: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
+
+
+def _mean_stats(all_stats: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([s[k] for s in all_stats])) for k in all_stats[0]} if all_stats else {}
+
+
+def clip_and_step(policy: TorchPolicy, grad_clip: float | None) -> float | None:
+    norm = None
+    if grad_clip is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip))
+    policy.optimizer.step()
+    return norm
+
+
+class TrainOneStep(Map):
+    """Runs `num_sgd_iter` passes of minibatch SGD on the learner policy (the local worker's)
+    over each batch and yields the learner's statistics, averaged over the minibatches.
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=16, seed=0)
+    >>> def value_loss(policy, b):
+    ...     loss = ((policy.model(b["obs"])[1] - b["rewards"]) ** 2).mean()
+    ...     return loss, {"vf_loss": loss}
+    >>> batches = Stream.source(lambda: iter(workers.local_worker.sample, None))
+    >>> with Plan(batches.then(TrainOneStep(workers, value_loss, num_sgd_iter=2, sgd_minibatch_size=8))) as plan:
+    ...     result = plan.step()
+    >>> result["num_env_steps_trained"], "vf_loss" in result
+    (16, True)
+    """
+
+    def __init__(self, workers: WorkerSet, loss_fn: LossFn, num_sgd_iter: int = 1,
+                 sgd_minibatch_size: int | None = None, grad_clip: float | None = None, seed: int | None = 0,
+                 before_update: Callable[[], None] | None = None):
+        self.workers = workers
+        self.loss_fn = loss_fn
+        self.num_sgd_iter = num_sgd_iter
+        self.sgd_minibatch_size = sgd_minibatch_size
+        self.grad_clip = grad_clip
+        self.rng = np.random.default_rng(seed)
+        self.before_update = before_update
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.counters = ctx.counters
+
+    def __call__(self, batch: SampleBatch) -> dict[str, float]:
+        policy = self.workers.policy
+        if self.before_update is not None:
+            self.before_update()
+        t0 = time.perf_counter()
+        all_stats = []
+        size = self.sgd_minibatch_size or len(batch)
+        for _ in range(self.num_sgd_iter):
+            for minibatch in batch.minibatches(size, seed=self.rng):
+                loss, stats = self.loss_fn(policy, minibatch.to_torch())
+                policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = clip_and_step(policy, self.grad_clip)
+                stats = _floats(stats)
+                if norm is not None:
+                    stats["grad_norm"] = norm
+                all_stats.append(stats)
+        self.counters["num_env_steps_trained"] += len(batch)
+        out = _mean_stats(all_stats)
+        out["learn_time_s"] = time.perf_counter() - t0
+        return out
+
+
+@dataclass
+class Gradients:
+    """Gradients of the learner policy's parameters for one batch."""
+
+    grads: list[torch.Tensor | None]
+    stats: dict[str, float]
+    num_rows: int
+
+
+class ComputeGradients(Map):
+    """Computes the loss's gradients on a batch without applying them.
+
+    >>> import gymnasium as gym
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> def loss(policy, b):
+    ...     return policy.model(b["obs"])[1].mean(), {}
+    >>> g = ComputeGradients(workers, loss)(workers.local_worker.sample())
+    >>> g.num_rows, len(g.grads) == len(list(workers.policy.model.parameters()))
+    (4, True)
+    """
+
+    def __init__(self, workers: WorkerSet, loss_fn: LossFn):
+        self.workers = workers
+        self.loss_fn = loss_fn
+
+    def __call__(self, batch: SampleBatch) -> Gradients:
+        policy = self.workers.policy
+        policy.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.loss_fn(policy, batch.to_torch())
+        loss.backward()
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in policy.model.parameters()]
+        return Gradients(grads, _floats(stats), len(batch))
+
+
+class AverageGradients(FlatMap):
+    """Collects `num_batches` Gradients and yields their mean, weighted by rows (a true mean:
+    the learning rate means the same whatever the number of microbatches).
+
+    >>> a = Gradients([torch.tensor([1.0])], {"loss": 1.0}, 1)
+    >>> b = Gradients([torch.tensor([4.0])], {"loss": 3.0}, 3)
+    >>> avg = AverageGradients(2); _ = avg(a); (g,) = avg(b)
+    >>> g.grads[0].item(), g.stats["loss"], g.num_rows
+    (3.25, 2.0, 4)
+    """
+
+    def __init__(self, num_batches: int):
+        self.num_batches = num_batches
+        self.pending: list[Gradients] = []
+
+    def __call__(self, grads: Gradients):
+        self.pending.append(grads)
+        if len(self.pending) < self.num_batches:
+            return []
+        pending, self.pending = self.pending, []
+        total = sum(g.num_rows for g in pending)
+        mean = []
+        for parts in zip(*(g.grads for g in pending)):
+            present = [(g, p) for g, p in zip(pending, parts) if p is not None]
+            mean.append(sum(p * (g.num_rows / total) for g, p in present) if present else None)
+        stats = _mean_stats([g.stats for g in pending]) if all(g.stats for g in pending) else {}
+        return [Gradients(mean, stats, total)]
+
+
+class ApplyGradients(Map):
+    """Applies Gradients with the learner's optimizer; yields the learner's statistics."""
+
+    def __init__(self, workers: WorkerSet, grad_clip: float | None = None):
+        self.workers = workers
+        self.grad_clip = grad_clip
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.counters = ctx.counters
+
+    def __call__(self, grads: Gradients) -> dict[str, float]:
+        policy = self.workers.policy
+        for param, grad in zip(policy.model.parameters(), grads.grads):
+            param.grad = grad
+        norm = clip_and_step(policy, self.grad_clip)
+        self.counters["num_env_steps_trained"] += grads.num_rows
+        stats = dict(grads.stats)
+        if norm is not None:
+            stats["grad_norm"] = norm
+        return stats
+
+
+class UpdateWeights(Map):
+    """After a training step, gives the remote workers the learner's weights under a new
+    version number. `wait=False` sends them without waiting (sampling is not blocked). Passes
+    its input on unchanged and reports `weights_version`."""
+
+    def __init__(self, workers: WorkerSet, wait: bool = True):
+        self.workers = workers
+        self.wait = wait
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, item: Any) -> Any:
+        policy = self.workers.policy
+        policy.weights_version += 1
+        remote = self.workers.remote_workers
+        if remote.num_actors:
+            # One copy in the object store for all workers, not one per call.
+            weights = remote.executor.put(policy.get_weights())
+            if self.wait:
+                remote.foreach("set_weights", weights, policy.weights_version)
+            else:
+                remote.foreach_async("set_weights", weights, policy.weights_version)
+        self.ctx.info["weights_version"] = policy.weights_version
+        return item
+
+
+class UpdateTargetNetwork(Map):
+    """Copies the learner's weights into `policy.target_model` every `every_steps` trained env
+    steps (creating it on first use). Passes its input on and reports the number of updates."""
+
+    def __init__(self, workers: WorkerSet, every_steps: int):
+        self.workers = workers
+        self.every_steps = every_steps
+        self.last_update = 0
+        self.num_updates = 0
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+        policy = self.workers.policy
+        if getattr(policy, "target_model", None) is None:
+            policy.target_model = copy.deepcopy(policy.model).requires_grad_(False)
+
+    def __call__(self, item: Any) -> Any:
+        trained = self.ctx.counters["num_env_steps_trained"]
+        if trained - self.last_update >= self.every_steps:
+            self.workers.policy.target_model.load_state_dict(self.workers.policy.model.state_dict())
+            self.last_update = trained
+            self.num_updates += 1
+        self.ctx.info["num_target_updates"] = self.num_updates
+        return item
