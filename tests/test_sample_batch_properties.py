@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowrl import SampleBatch
-from strategies import batches, columns, spaces
+from tests.strategies import batches, columns, spaces
 from flowrl.spaces import decode_space, encode_space
 
 
