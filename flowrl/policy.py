@@ -118,14 +118,8 @@ class ActionDist:
     def _reduce(self, x):
         return x.sum(-1) if self.sum_last else x
 
-    def sample(self, generator: torch.Generator | None = None):
-        d = self.dist
-        if isinstance(d, torch.distributions.Categorical):
-            flat = d.probs.reshape(-1, d.probs.shape[-1])
-            return torch.multinomial(flat, 1, generator=generator).reshape(d.probs.shape[:-1])
-        if isinstance(d, torch.distributions.Normal):
-            return d.mean + d.stddev * torch.randn(d.mean.shape, generator=generator)
-        return d.sample(generator=generator)
+    def sample(self):
+        return self.dist.sample()
 
     def log_prob(self, actions):
         return self._reduce(self.dist.log_prob(actions))
@@ -151,8 +145,8 @@ class MultiCategorical(torch.distributions.Distribution):
         self.parts = [torch.distributions.Categorical(logits=chunk) for chunk in torch.split(logits, nvec, dim=-1)]
         super().__init__(batch_shape=logits.shape[:-1], validate_args=False)
 
-    def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None):
-        return torch.stack([ActionDist(p, False).sample(generator) for p in self.parts], dim=-1)
+    def sample(self, sample_shape=torch.Size()):
+        return torch.stack([p.sample(sample_shape) for p in self.parts], dim=-1)
 
     def log_prob(self, value):
         return torch.stack([p.log_prob(value[..., i]) for i, p in enumerate(self.parts)], dim=-1)
@@ -272,6 +266,8 @@ class TorchPolicy:
         model_cls = resolve_class(custom, _MODELS, "custom_model") if custom else ActorCritic
         self.model: nn.Module = model_cls(observation_space, action_space, num_outputs, self.model_config)
         self.log_std = None
+        self._nvec = [int(k) for k in action_space.nvec.reshape(-1)] \
+            if isinstance(action_space, gym.spaces.MultiDiscrete) else []
         if isinstance(action_space, gym.spaces.Box):
             # State-independent log standard deviation, learned (Schulman et al. 2017).
             self.log_std = nn.Parameter(torch.zeros(num_outputs))
@@ -280,12 +276,7 @@ class TorchPolicy:
             self._high = action_space.high.reshape(-1)
         self.weights_version = 0
         self._optimizer: torch.optim.Optimizer | None = None
-        self.generator = torch.Generator()
-        sample_seed = sample_seed if sample_seed is not None else seed
-        if sample_seed is not None:
-            self.generator.manual_seed(sample_seed)
-        else:
-            self.generator.seed()
+        self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
 
     # ---- acting ---------------------------------------------------------------------------------
     def dist(self, dist_inputs: torch.Tensor) -> ActionDist:
@@ -303,19 +294,46 @@ class TorchPolicy:
         return t if t.dtype == torch.uint8 else t.float()
 
     def compute_actions(self, obs: np.ndarray, explore: bool = True) -> Actions:
+        """Sample (or, with `explore=False`, take the most likely) actions for a batch of
+        observations. The sampling is done here in numpy rather than through
+        torch.distributions, whose construction costs more than the model itself on small
+        batches; `dist()` gives the same log-probabilities for the losses."""
         with torch.inference_mode():
             dist_inputs, values = self.model(self.to_tensor(obs))
-            dist = self.dist(dist_inputs)
-            actions = dist.sample(self.generator) if explore else dist.mode()
-            logp = dist.log_prob(actions)
-        actions_np = actions.numpy()
-        env_actions = actions_np
-        if isinstance(self.action_space, gym.spaces.Box):
-            actions_np = actions_np.reshape(len(actions_np), *self.action_space.shape).astype(np.float32)
-            env_actions = np.clip(actions_np, self.action_space.low, self.action_space.high)
-        elif isinstance(self.action_space, gym.spaces.Discrete):
-            env_actions = actions_np + self.action_space.start
-        return Actions(env_actions, actions_np, logp.numpy().astype(np.float32), values.numpy().astype(np.float32))
+            if isinstance(self.action_space, gym.spaces.Box):
+                mean, log_std = dist_inputs.numpy(), self.log_std.numpy()
+            else:
+                logp_all = torch.log_softmax(dist_inputs, -1) if isinstance(self.action_space, gym.spaces.Discrete) \
+                    else torch.cat([torch.log_softmax(c, -1) for c in torch.split(dist_inputs, self._nvec, -1)], -1)
+                logp_all = logp_all.numpy()
+        values = values.numpy().astype(np.float32)
+        space = self.action_space
+        if isinstance(space, gym.spaces.Box):
+            std = np.exp(log_std)
+            actions = mean + std * self.rng.standard_normal(mean.shape) if explore else mean
+            logp = (-0.5 * ((actions - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+            actions = actions.reshape(len(actions), *space.shape).astype(np.float32)
+            return Actions(np.clip(actions, space.low, space.high), actions, logp.astype(np.float32), values)
+        if isinstance(space, gym.spaces.Discrete):
+            actions, logp = self._categorical(logp_all, explore)
+            return Actions(actions + space.start, actions, logp, values)
+        parts, logps, start = [], [], 0
+        for k in self._nvec:
+            a, lp = self._categorical(logp_all[:, start:start + k], explore)
+            parts.append(a)
+            logps.append(lp)
+            start += k
+        actions = np.stack(parts, axis=1).reshape(len(logp_all), *space.shape)
+        return Actions(actions + space.start, actions, np.sum(logps, axis=0).astype(np.float32), values)
+
+    def _categorical(self, logp_all: np.ndarray, explore: bool) -> tuple[np.ndarray, np.ndarray]:
+        if explore:  # inverse-CDF sampling
+            cdf = np.cumsum(np.exp(logp_all), axis=1)
+            u = self.rng.random((len(logp_all), 1)) * cdf[:, -1:]
+            actions = np.minimum((u > cdf).sum(axis=1), logp_all.shape[1] - 1)
+        else:
+            actions = logp_all.argmax(axis=1)
+        return actions.astype(np.int64), logp_all[np.arange(len(actions)), actions].astype(np.float32)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

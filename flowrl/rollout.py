@@ -96,17 +96,17 @@ class RolloutWorker:
                                ("action_logp", out.logp), ("vf_preds", out.values), ("weights_version", version),
                                ("valid", valid)):
                 steps[key].append(value)
-            self._ep_return[valid] += rewards[valid]
-            self._ep_len[valid] += 1
+            self._ep_return += rewards * valid
+            self._ep_len += valid
+            self._t += valid
             done = valid & (terminateds | truncateds)
-            for i in np.flatnonzero(done):
-                episodes.append((float(self._ep_return[i]), int(self._ep_len[i])))
-            for i in np.flatnonzero(self._needs_reset):
-                self._eps_id[i] = self._new_eps_id()
-            self._t[self._needs_reset] = 0
-            self._ep_return[self._needs_reset] = 0.0
-            self._ep_len[self._needs_reset] = 0
-            self._t[valid] += 1
+            if self._needs_reset.any():  # these sub-envs started a new episode on this step
+                for i in np.flatnonzero(self._needs_reset):
+                    self._eps_id[i] = self._new_eps_id()
+                    self._t[i] = self._ep_return[i] = self._ep_len[i] = 0
+            if done.any():
+                for i in np.flatnonzero(done):
+                    episodes.append((float(self._ep_return[i]), int(self._ep_len[i])))
             self._needs_reset = done
             self._obs = next_obs
             counts += valid

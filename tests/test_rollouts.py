@@ -175,3 +175,24 @@ def test_weights_round_trip_with_version():
     obs = np.ones((2, 4), np.float32)
     np.testing.assert_allclose(a.value(obs), b.value(obs))
     assert b.weights_version == 7
+
+
+@pytest.mark.parametrize("act_space", [gym.spaces.Discrete(3, start=1), gym.spaces.MultiDiscrete([2, 4]),
+                                       gym.spaces.Box(-1, 1, (2,))])
+def test_sampled_logp_matches_the_loss_distribution(act_space):
+    policy = TorchPolicy(gym.spaces.Box(-1, 1, (3,)), act_space, seed=0)
+    obs = np.random.default_rng(1).standard_normal((64, 3)).astype(np.float32)
+    out = policy.compute_actions(obs)
+    dist = policy.dist(policy.model(torch.as_tensor(obs))[0])
+    np.testing.assert_allclose(dist.log_prob(torch.as_tensor(out.actions)).detach().numpy(), out.logp,
+                               rtol=1e-4, atol=1e-5)
+    for a in out.env_actions:
+        assert act_space.contains(a.astype(act_space.dtype) if act_space.shape else int(a))
+
+
+def test_categorical_sampling_follows_the_probabilities():
+    policy = TorchPolicy(gym.spaces.Box(-1, 1, (1,)), gym.spaces.Discrete(3), seed=0)
+    obs = np.zeros((20000, 1), np.float32)
+    out = policy.compute_actions(obs)
+    probs = np.exp(policy.dist(policy.model(torch.as_tensor(obs[:1]))[0]).dist.logits.detach().numpy()[0])
+    np.testing.assert_allclose(np.bincount(out.actions, minlength=3) / len(obs), probs, atol=0.015)
