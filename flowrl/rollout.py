@@ -28,6 +28,7 @@ from flowrl.sample_batch import SampleBatch
 
 _COLUMNS = ("obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "eps_id", "t",
             "action_logp", "vf_preds", "weights_version")
+_STEP_COLUMNS = ("obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "action_logp", "vf_preds")
 
 
 def worker_seed(seed: int | None, index: int) -> int | None:
@@ -64,81 +65,101 @@ class RolloutWorker:
             self.env = None
             return
         n = self.env.num_envs
-        self._next_eps = 0
         obs, _ = self.env.reset(seed=self.seed)
         self._obs = obs_to_array(self.observation_space, obs)
-        self._eps_id = np.array([self._new_eps_id() for _ in range(n)], dtype=np.int64)
+        # Per sub-env state of the episode in progress.
+        self._episode_number = np.zeros(n, dtype=np.int64)  # eps_id = (index << 40) + number * n + env
         self._t = np.zeros(n, dtype=np.int64)
         self._ep_return = np.zeros(n, dtype=np.float64)
-        self._ep_len = np.zeros(n, dtype=np.int64)
         self._needs_reset = np.zeros(n, dtype=bool)
-        self._leftover: list[dict[str, np.ndarray] | None] = [None] * n
-
-    def _new_eps_id(self) -> int:
-        self._next_eps += 1
-        return (self.index << 40) + self._next_eps  # unique across workers
+        self._leftover: dict[str, np.ndarray] | None = None
 
     # ---- sampling ---------------------------------------------------------------------------------
     def sample(self) -> SampleBatch:
         n, T = self.env.num_envs, self.fragment_length
-        counts = np.array([0 if lo is None else len(lo["t"]) for lo in self._leftover])
-        steps: dict[str, list[np.ndarray]] = {k: [] for k in (*_COLUMNS, "valid")}
-        episodes: list[tuple[float, int]] = []
-        version = np.full(n, self.policy.weights_version, dtype=np.int64)
+        counts = np.zeros(n, dtype=np.int64) if self._leftover is None else self._leftover["valid"].sum(axis=1)
+        # Per step only what the policy and the env give; episode ids, time steps and returns
+        # are worked out for all steps at once afterwards (numpy calls per step are the overhead).
+        fresh: dict[str, list[np.ndarray]] = {k: [] for k in _STEP_COLUMNS}
+        obs_space = self.observation_space
+        resetting = self._needs_reset
         while counts.min() < T:
             out = self.policy.compute_actions(self._obs)
             next_obs, rewards, terminateds, truncateds, _ = self.env.step(out.env_actions)
-            next_obs = obs_to_array(self.observation_space, next_obs)
-            valid = ~self._needs_reset  # a sub-env that was done just reset: no transition
-            for key, value in (("obs", self._obs), ("new_obs", next_obs), ("actions", out.actions),
-                               ("rewards", rewards.astype(np.float32)), ("terminateds", terminateds),
-                               ("truncateds", truncateds), ("eps_id", self._eps_id.copy()), ("t", self._t.copy()),
-                               ("action_logp", out.logp), ("vf_preds", out.values), ("weights_version", version),
-                               ("valid", valid)):
-                steps[key].append(value)
-            self._ep_return += rewards * valid
-            self._ep_len += valid
-            self._t += valid
-            done = valid & (terminateds | truncateds)
-            if self._needs_reset.any():  # these sub-envs started a new episode on this step
-                for i in np.flatnonzero(self._needs_reset):
-                    self._eps_id[i] = self._new_eps_id()
-                    self._t[i] = self._ep_return[i] = self._ep_len[i] = 0
-            if done.any():
-                for i in np.flatnonzero(done):
-                    episodes.append((float(self._ep_return[i]), int(self._ep_len[i])))
-            self._needs_reset = done
+            next_obs = obs_to_array(obs_space, next_obs)
+            for key, value in zip(_STEP_COLUMNS, (self._obs, next_obs, out.actions, rewards, terminateds,
+                                                  truncateds, out.logp, out.values)):
+                fresh[key].append(value)
+            counts += ~resetting  # a sub-env that was done just reset: that step is no transition
+            resetting = terminateds | truncateds
             self._obs = next_obs
-            counts += valid
+        steps = {k: np.stack(v, axis=1) for k, v in fresh.items()}  # (num_envs, num_steps, ...)
+        episodes = self._label_steps(steps)
+        if self._leftover is not None:
+            steps = {k: np.concatenate([self._leftover[k], steps[k]], axis=1) for k in self._leftover}
         return self._assemble(steps, episodes)
 
-    def _assemble(self, steps: dict[str, list[np.ndarray]], episodes) -> SampleBatch:
-        n, T = self.env.num_envs, self.fragment_length
-        stacked = {k: np.stack(v, axis=1) for k, v in steps.items()}  # (n, steps, ...)
-        per_env = []
-        for i in range(n):
-            rows = stacked["valid"][i]
-            fresh = {k: stacked[k][i][rows] for k in _COLUMNS}
-            if self._leftover[i] is not None:
-                fresh = {k: np.concatenate([self._leftover[i][k], fresh[k]]) for k in _COLUMNS}
-            per_env.append(fresh)
-        columns = {k: np.concatenate([env_rows[k][:T] for env_rows in per_env]) for k in _COLUMNS}
-        # V(s_{t+1}): the next row's value estimate while the episode goes on in the rows we hold;
-        # a fresh estimate from new_obs where it stops here without terminating (truncation or the
-        # fragment's end).
-        next_vf = np.zeros(n * T, dtype=np.float32)
-        need = np.zeros(n * T, dtype=bool)
-        for i, env_rows in enumerate(per_env):
-            held = len(env_rows["t"])
-            ends = env_rows["terminateds"][:T] | env_rows["truncateds"][:T]
-            following = np.append(env_rows["vf_preds"][1:T + 1], np.zeros(max(0, T + 1 - held), np.float32))[:T]
-            has_next = np.arange(T) + 1 < held
-            next_vf[i * T:(i + 1) * T] = np.where(ends, 0.0, following)
-            need[i * T:(i + 1) * T] = (env_rows["truncateds"][:T] & ~env_rows["terminateds"][:T]) | (~has_next & ~ends)
-            self._leftover[i] = {k: v[T:] for k, v in env_rows.items()} if held > T else None
+    def _label_steps(self, steps: dict[str, np.ndarray]) -> list[tuple[float, int]]:
+        """Adds valid, eps_id, t and weights_version to freshly sampled steps, carrying episode
+        state over from the previous call; returns (return, length) of finished episodes."""
+        n, S = steps["terminateds"].shape
+        done = steps["terminateds"] | steps["truncateds"]
+        invalid = np.empty((n, S), dtype=bool)  # the step after a done is the autoreset
+        invalid[:, 0] = self._needs_reset
+        invalid[:, 1:] = done[:, :-1]
+        valid = ~invalid
+        rewards = steps["rewards"].astype(np.float64) * valid
+        # Counts and sums restart at each reset step: subtract their value at the last reset.
+        last_reset = np.maximum.accumulate(np.where(invalid, np.arange(S), -1), axis=1)
+        seen_reset = last_reset >= 0
+        at_reset = (np.arange(n)[:, None], np.maximum(last_reset, 0))
+        count = np.cumsum(valid, axis=1)
+        ret = np.cumsum(rewards, axis=1)
+        t = np.where(seen_reset, count - count[at_reset] - 1, count - 1 + self._t[:, None])
+        ret = np.where(seen_reset, ret - ret[at_reset], ret + self._ep_return[:, None])
+        episode_number = self._episode_number[:, None] + np.cumsum(invalid, axis=1)
+        steps["eps_id"] = (self.index << 40) + episode_number * n + np.arange(n)[:, None]
+        steps["t"] = t
+        steps["valid"] = valid
+        steps["rewards"] = steps["rewards"].astype(np.float32)
+        steps["weights_version"] = np.full((n, S), self.policy.weights_version, dtype=np.int64)
+        finished = valid & done
+        episodes = [(float(r), int(k) + 1) for r, k in zip(ret[finished], t[finished])]
+        # Carry the state of each sub-env's current episode into the next call.
+        self._needs_reset = done[:, -1].copy()
+        self._episode_number = episode_number[:, -1].copy()
+        self._t = np.where(valid[:, -1], t[:, -1] + 1, 0)
+        self._ep_return = np.where(valid[:, -1], ret[:, -1], 0.0)
+        return episodes
+
+    def _assemble(self, steps: dict[str, np.ndarray], episodes) -> SampleBatch:
+        """`steps` holds arrays of shape (num_envs, num_steps, ...). Take the first T valid rows
+        of each sub-env, env by env; keep the valid rows after them for the next call."""
+        T = self.fragment_length
+        valid = steps["valid"]
+        rank = np.cumsum(valid, axis=1) - 1          # index of each valid row within its sub-env
+        keep = valid & (rank < T)
+        # V(s_{t+1}): inside an episode the next step's vf_preds (the step after a row that did not
+        # end is always a valid row of the same episode); where the episode stops here without
+        # terminating (truncation, or the last row we hold), a fresh estimate from new_obs.
+        terminateds, truncateds = steps["terminateds"], steps["truncateds"]
+        ends = terminateds | truncateds
+        following = np.zeros_like(steps["vf_preds"])
+        following[:, :-1] = steps["vf_preds"][:, 1:]
+        next_vf = np.where(ends, 0.0, following).astype(np.float32)
+        held_last = rank == valid.sum(axis=1, keepdims=True) - 1
+        need = keep & ((truncateds & ~terminateds) | (~ends & held_last))
         if need.any():
-            next_vf[need] = self.policy.value(columns["new_obs"][need])
-        columns["next_vf_preds"] = next_vf
+            next_vf[need] = self.policy.value(steps["new_obs"][need])
+        columns = {k: steps[k][keep] for k in _COLUMNS}
+        columns["next_vf_preds"] = next_vf[keep]
+        carry = valid & (rank >= T)
+        if carry.any():
+            first = int(np.flatnonzero(carry.any(axis=0))[0])
+            self._leftover = {k: steps[k][:, first:] for k in _COLUMNS}
+            self._leftover["valid"] = carry[:, first:]
+        else:
+            self._leftover = None
         return SampleBatch(columns, self.spaces, episodes)
 
     # ---- weights ----------------------------------------------------------------------------------
