@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 run: setup
-	$(BIN)/python examples/demo_batch.py
+	$(BIN)/flowrl run examples/ppo_cartpole.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,8 @@ class _LocalActor:
     def __init__(self, instance: Any):
         self.instance = instance
         self.dead = False
+        # Like a Ray actor, one call at a time (a learner thread may call while the driver does).
+        self.lock = threading.Lock()
 
 
 class _LocalCall:
@@ -114,7 +117,8 @@ class LocalExecutor(Executor):
     def get(self, ref: _LocalCall):
         if ref.actor.dead:
             raise ActorDiedError("local actor was killed")
-        return getattr(ref.actor.instance, ref.method)(*ref.args, **ref.kwargs)
+        with ref.actor.lock:
+            return getattr(ref.actor.instance, ref.method)(*ref.args, **ref.kwargs)
 
     def kill(self, handle: _LocalActor, wait: bool = False):
         handle.dead = True
@@ -228,7 +232,8 @@ class ActorSet:
     If `cls.__init__` takes an `actor_index` argument it receives `index_offset` + 0..N-1 (for
     seeding). A dead
     actor is replaced by a new one built with the same arguments, at most `max_restarts` times
-    in all; `on_replace` callbacks then run with the index (to resend weights, say).
+    in all; `on_replace` callbacks then run with the index (to resend weights, say), and
+    `on_start` callbacks run once the actors are created.
     """
 
     def __init__(self, cls: type, num_actors: int, args: Sequence = (), kwargs: dict | None = None,
@@ -246,6 +251,7 @@ class ActorSet:
         self.index_offset = index_offset
         self.num_restarts = 0
         self.on_replace: list[Callable[[int], None]] = []
+        self.on_start: list[Callable[[], None]] = []
         self._executor: Executor | None = None
         self._handles: list[Any] = []
         init = getattr(cls, "__init__", None)
@@ -262,6 +268,8 @@ class ActorSet:
             raise RuntimeError(f"actor set {self.name!r} is already running on another plan")
         self._executor = executor
         self._handles = [self._create(i) for i in range(self.num_actors)]
+        for callback in self.on_start:
+            callback()
 
     def _create(self, index: int) -> Any:
         kwargs = dict(self.kwargs, actor_index=index + self.index_offset) if self._pass_index else self.kwargs
@@ -309,9 +317,14 @@ class ActorSet:
         refs = [self.submit(i, method, *args, **kwargs) for i in range(self.num_actors)]
         return [self.get(i, ref, method, args, kwargs) for i, ref in enumerate(refs)]
 
-    def foreach_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call `method` on every actor without waiting; returns the refs."""
-        return [self.submit(i, method, *args, **kwargs) for i in range(self.num_actors)]
+    def foreach_async(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Call `method` on every actor without waiting for the results (on the local executor,
+        where calls run when their result is asked for, they run now)."""
+        if not self.executor.concurrent:
+            self.foreach(method, *args, **kwargs)
+            return
+        for i in range(self.num_actors):
+            self.submit(i, method, *args, **kwargs)
 
     def replace(self, index: int) -> None:
         if self.num_restarts >= self.max_restarts:

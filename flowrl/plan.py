@@ -127,7 +127,8 @@ class Plan:
     """
 
     def __init__(self, output: Stream, report: Any = None, executor: Executor | None = None,
-                 min_time_s: float = 0.0, min_items: int = 1, min_env_steps: int = 0, name: str = "plan"):
+                 min_time_s: float = 0.0, min_items: int = 1, min_env_steps: int = 0, name: str = "plan",
+                 state: dict[str, Any] | None = None):
         self.output = output
         self.report = report
         self.executor = executor
@@ -135,6 +136,9 @@ class Plan:
         self.min_items = max(1, min_items)
         self.min_env_steps = min_env_steps
         self.name = name
+        # Plan-specific values that must survive a checkpoint (an adaptive KL coefficient, say):
+        # numbers and strings only, saved and restored with the counters.
+        self.state: dict[str, Any] = state if state is not None else {}
         self.ctx: PlanContext | None = None
         self._it: Iterator | None = None
         self._iteration = 0
@@ -241,6 +245,22 @@ class Plan:
             yield result
             if _stop_reached(stop, result):
                 return
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def progress_state(self) -> dict[str, Any]:
+        """Counters, iteration, time, recent episodes and `state`, as JSON-able values."""
+        self.start()
+        return {"training_iteration": self._iteration, "time_total_s": self._time_total,
+                "counters": dict(self.ctx.counters), "episodes": [list(e) for e in self.ctx.episodes],
+                "state": dict(self.state)}
+
+    def restore_progress(self, saved: dict[str, Any]) -> None:
+        self.start()
+        self._iteration = int(saved["training_iteration"])
+        self._time_total = float(saved["time_total_s"])
+        self.ctx.counters.update({k: int(v) - self.ctx.counters[k] for k, v in saved["counters"].items()})
+        self.ctx.episodes.extend((float(r), int(n)) for r, n in saved["episodes"])
+        self.state.update(saved["state"])
 
     # ---- composition ----------------------------------------------------------------------------
     def as_stream(self, name: str | None = None) -> Stream[dict[str, Any]]:

@@ -196,6 +196,14 @@ class WorkerSet:
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
                                        index_offset=1)  # index 0 is the local worker
         self.remote_workers.on_replace.append(self._sync_replacement)
+        self.remote_workers.on_start.append(self.sync_weights)
+
+    def sync_weights(self) -> None:
+        """Give every remote worker the learner's weights and version (at start, after a resume)."""
+        if self.remote_workers.started and self.num_remote_workers:
+            policy = self.local_worker.policy
+            weights = self.remote_workers.executor.put(policy.get_weights())
+            self.remote_workers.foreach("set_weights", weights, policy.weights_version)
 
     def _sync_replacement(self, index: int) -> None:
         policy = self.local_worker.policy

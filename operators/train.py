@@ -78,10 +78,12 @@ class TrainOneStep(Map):
             self.before_update()
         t0 = time.perf_counter()
         all_stats = []
-        size = self.sgd_minibatch_size or len(batch)
+        tensors = batch.to_torch()  # once per batch; minibatches are indexed from these
+        n = len(batch)
+        size = min(self.sgd_minibatch_size or n, n)
         for _ in range(self.num_sgd_iter):
-            for minibatch in batch.minibatches(size, seed=self.rng):
-                loss, stats = self.loss_fn(policy, minibatch.to_torch())
+            for minibatch in _minibatches(tensors, n, size, self.rng):
+                loss, stats = self.loss_fn(policy, minibatch)
                 policy.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = clip_and_step(policy, self.grad_clip)
@@ -93,6 +95,17 @@ class TrainOneStep(Map):
         out = _mean_stats(all_stats)
         out["learn_time_s"] = time.perf_counter() - t0
         return out
+
+
+def _minibatches(tensors: dict[str, torch.Tensor], n: int, size: int, rng: np.random.Generator):
+    """One pass in random order; a minibatch that is the whole batch needs no shuffling."""
+    if size >= n:
+        yield tensors
+        return
+    order = torch.from_numpy(rng.permutation(n))
+    for start in range(0, n, size):
+        index = order[start:start + size]
+        yield {k: v[index] for k, v in tensors.items()}
 
 
 @dataclass

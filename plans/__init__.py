@@ -1,1 +1,51 @@
-"""flowrl.plans"""
+"""flowrl.plans: built-in plans. Each is a config dataclass plus a plan-building function
+`build(workers, config) -> Plan`; users name one ("PPO") or give their own as
+"package.module:function" (its config is then `CommonConfig` unless the function has a
+`config_class` attribute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from flowrl.config import CommonConfig
+from flowrl.plans.a2c import A2CConfig, build_a2c_plan
+from flowrl.plans.appo import APPOConfig, build_appo_plan
+from flowrl.plans.ppo import PPOConfig, build_ppo_plan
+from flowrl.policy import resolve_class
+
+
+@dataclass
+class PlanSpec:
+    name: str
+    config_class: type
+    build: Callable
+
+
+BUILTIN_PLANS = {
+    "PPO": PlanSpec("PPO", PPOConfig, build_ppo_plan),
+    "A2C": PlanSpec("A2C", A2CConfig, build_a2c_plan),
+    "APPO": PlanSpec("APPO", APPOConfig, build_appo_plan),
+}
+
+
+def resolve_plan(name: str) -> PlanSpec:
+    """A built-in plan by name (any case), or a user's "package.module:function"."""
+    for key, spec in BUILTIN_PLANS.items():
+        if key.lower() == name.lower():
+            return spec
+    build = resolve_class(name, {}, "plan") if ":" in name else None
+    if build is None:
+        import difflib
+
+        close = difflib.get_close_matches(name.upper(), list(BUILTIN_PLANS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown plan {name!r}{hint} (built-in: {', '.join(BUILTIN_PLANS)}, "
+                         "or 'package.module:function')")
+    if not callable(build):
+        raise ValueError(f"plan {name!r} is not a function")
+    return PlanSpec(name, getattr(build, "config_class", CommonConfig), build)
+
+
+__all__ = ["BUILTIN_PLANS", "PlanSpec", "resolve_plan", "PPOConfig", "A2CConfig", "APPOConfig",
+           "build_ppo_plan", "build_a2c_plan", "build_appo_plan"]
