@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # User plans, envs and models named "package.module:name" import from the working
+    # directory, as they would under `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     commands = {"run": _run, "eval": _eval, "plans": _plans, "plot": _plot}
     try:
         return commands[args.command](args)

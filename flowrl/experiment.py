@@ -347,7 +347,7 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
 
 
 def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "local", address: str | None = None,
-                   quiet: bool = False, resume_dir: Path | None = None, stream: TextIO = sys.stdout) -> dict[str, Any]:
+                   quiet: bool = False, resume_dir: Path | None = None, stream: TextIO | None = None) -> dict[str, Any]:
     """Train until a stop condition holds; return the last result (with "stop_reason")."""
     from flowrl.rollout import WorkerSet
 
@@ -365,7 +365,7 @@ def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "loca
     plan = exp.plan.build(workers, config)
     plan.executor = executor
     metrics = MetricsWriter(run_dir)
-    progress = Progress(stream, quiet)
+    progress = Progress(stream or sys.stdout, quiet)
     result: dict[str, Any] = {}
     try:
         with plan:
