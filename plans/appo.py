@@ -32,9 +32,9 @@ class APPOConfig(CommonConfig):
     num_envs_per_worker: int = 8
     rollout_fragment_length: int = 32
     train_batch_size: int = 512
-    sgd_minibatch_size: int = 512
-    num_sgd_iter: int = 2
-    lr: float = 5e-4
+    sgd_minibatch_size: int = 128
+    num_sgd_iter: int = 4
+    lr: float = 1e-3
     clip_param: float = 0.2
     vtrace_clip_rho: float = 1.0
     vtrace_clip_c: float = 1.0
