@@ -14,7 +14,6 @@ Each is a fresh process; the time includes interpreter start and imports. Goal: 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -82,8 +81,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     flowrl_bin = str(Path(sys.executable).with_name("flowrl"))
     times: dict[str, list[float]] = {"flowrl": [], "sb3": [], "rllib": []}
-    have_rllib = importlib.util.find_spec("ray.rllib") is not None and \
-        importlib.util.find_spec("ray.rllib.algorithms") is not None
+    # ray ships ray.rllib, but it imports only with ray[rllib]'s extra dependencies.
+    have_rllib = subprocess.run([sys.executable, "-c", "import ray.rllib.algorithms.ppo"],
+                                capture_output=True).returncode == 0
     with tempfile.TemporaryDirectory() as out:
         for seed in seeds:  # interleaved, so that machine noise hits each alike
             wall, stdout = timed([flowrl_bin, "run", "examples/ppo_cartpole.yaml", "--seed", str(seed), "--quiet",
