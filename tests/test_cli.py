@@ -187,3 +187,24 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flowrl.cli", "run", str(plan)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    plan = write(tmp_path, SMALL.format(steps=10_000_000).replace("checkpoint_freq: 1", "checkpoint_freq: 0"))
+    proc = subprocess.Popen([sys.executable, "-m", "flowrl.cli", "run", str(plan), "--output-dir",
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait for the first iteration
+            if "iter" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest
+    assert "interrupted; checkpoint saved" in rest
+    assert list((tmp_path / "runs" / "tiny" / "latest" / "checkpoints").glob("checkpoint_*/model.pt"))
