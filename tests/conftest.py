@@ -14,3 +14,14 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(params=["local", "ray"])
+def executor(request):
+    """Every engine and operator test runs once per executor; the answers must agree."""
+    from flowrl import make_executor
+
+    if request.param == "ray":
+        request.getfixturevalue("ray_session")
+        return make_executor("ray")
+    return make_executor("local")

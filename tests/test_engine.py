@@ -20,13 +20,6 @@ from flowrl.testing import CountingSource, alive_ray_actors, flowrl_threads, wai
 FAST = {"num_cpus_per_actor": 0.1}
 
 
-@pytest.fixture(params=["local", "ray"])
-def executor(request):
-    if request.param == "ray":
-        request.getfixturevalue("ray_session")
-        return make_executor("ray")
-    return make_executor("local")
-
 
 def outputs(plan, n):
     return [plan.step()["output"] for _ in range(n)]

@@ -13,13 +13,6 @@ from flowrl.sample_batch import SampleBatch
 from flowrl.stream import Order
 
 
-@pytest.fixture(params=["local", "ray"])
-def executor(request):
-    if request.param == "ray":
-        request.getfixturevalue("ray_session")
-        return make_executor("ray")
-    return make_executor("local")
-
 
 def workers(n=2, **kwargs):
     cfg = dict(env="CartPole-v1", num_envs_per_worker=2, rollout_fragment_length=10, seed=0)
