@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["local", "ray"], default="local")
     run.add_argument("--address", help="an existing Ray cluster to join (implies --executor ray)")
     run.add_argument("--num-workers", type=int, help="overrides config.num_workers")
+    run.add_argument("--num-cpus", type=int, help="CPUs for a Ray instance started here (default: all)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key of every experiment, e.g. config.lr=0.001 or stop.timesteps_total=50000")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
@@ -65,7 +66,7 @@ def _run(args) -> int:
         return EXIT_BAD_INPUT
     for exp in experiments:
         run_experiment(exp, Path(args.output_dir), executor, args.address, args.quiet,
-                       Path(args.resume) if args.resume else None)
+                       Path(args.resume) if args.resume else None, num_cpus=args.num_cpus)
     return 0
 
 

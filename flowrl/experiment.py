@@ -347,7 +347,8 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
 
 
 def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "local", address: str | None = None,
-                   quiet: bool = False, resume_dir: Path | None = None, stream: TextIO | None = None) -> dict[str, Any]:
+                   quiet: bool = False, resume_dir: Path | None = None, stream: TextIO | None = None,
+                   num_cpus: int | None = None) -> dict[str, Any]:
     """Train until a stop condition holds; return the last result (with "stop_reason")."""
     from flowrl.rollout import WorkerSet
 
@@ -359,7 +360,8 @@ def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "loca
         checkpoint = None
         run_dir = new_run_dir(Path(output_dir), exp.name)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.resolved(), sort_keys=False))
-    executor = make_executor(executor_kind, address=address) if executor_kind == "ray" else make_executor("local")
+    executor = make_executor("ray", address=address, num_cpus=num_cpus) if executor_kind == "ray" else \
+        make_executor("local")
     workers = WorkerSet(num_workers=config.num_workers, num_cpus_per_worker=config.num_cpus_per_worker,
                         max_restarts=config.max_actor_restarts, **config.worker_kwargs(exp.env))
     plan = exp.plan.build(workers, config)

@@ -208,3 +208,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert proc.returncode == 130, rest
     assert "interrupted; checkpoint saved" in rest
     assert list((tmp_path / "runs" / "tiny" / "latest" / "checkpoints").glob("checkpoint_*/model.pt"))
+
+
+def test_same_plan_file_runs_on_the_ray_executor(tmp_path, capsys, ray_session):
+    plan = write(tmp_path, SMALL.format(steps=1024).replace("seed: 0", "seed: 0, num_cpus_per_worker: 0.5"))
+    assert run_cli("run", plan, "--executor", "ray", "--num-workers", "2", "--output-dir", tmp_path / "runs",
+                   "--quiet") == 0
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "latest" / "metrics.jsonl").open()]
+    # 2 workers x 4 envs x 32 steps = one 256-row train batch per iteration
+    assert rows[-1]["timesteps_total"] == 1024 and rows[-1]["weights_version"] == len(rows) == 4
+    resolved = yaml.safe_load((tmp_path / "runs" / "tiny" / "latest" / "config.yaml").read_text())
+    assert resolved["tiny"]["config"]["num_workers"] == 2
