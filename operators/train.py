@@ -172,7 +172,19 @@ class AverageGradients(FlatMap):
 
 
 class ApplyGradients(Map):
-    """Applies Gradients with the learner's optimizer; yields the learner's statistics."""
+    """Applies Gradients with the learner's optimizer; yields the learner's statistics.
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> def loss(policy, b):
+    ...     return policy.model(b["obs"])[1].mean(), {"v": policy.model(b["obs"])[1].mean()}
+    >>> grads = Stream.source(lambda: iter(workers.local_worker.sample, None)).then(ComputeGradients(workers, loss))
+    >>> with Plan(grads.then(ApplyGradients(workers, grad_clip=1.0))) as plan:
+    ...     result = plan.step()
+    >>> result["num_env_steps_trained"], sorted(k for k in result if k in ("v", "grad_norm"))
+    (4, ['grad_norm', 'v'])
+    """
 
     def __init__(self, workers: WorkerSet, grad_clip: float | None = None):
         self.workers = workers
@@ -196,7 +208,17 @@ class ApplyGradients(Map):
 class UpdateWeights(Map):
     """After a training step, gives the remote workers the learner's weights under a new
     version number. `wait=False` sends them without waiting (sampling is not blocked). Passes
-    its input on unchanged and reports `weights_version`."""
+    its input on unchanged and reports `weights_version`.
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> workers = WorkerSet(num_workers=1, env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> with Plan(Stream.from_iterable([{"loss": 1.0}] * 3).then(UpdateWeights(workers))) as plan:
+    ...     versions = [plan.step()["weights_version"] for _ in range(3)]
+    ...     remote = workers.remote_workers.foreach("weights_version")
+    >>> versions, remote
+    ([1, 2, 3], [3])
+    """
 
     def __init__(self, workers: WorkerSet, wait: bool = True):
         self.workers = workers
@@ -204,6 +226,7 @@ class UpdateWeights(Map):
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
+        ctx.start_actors(self.workers.remote_workers)  # they may have no source in this plan
 
     def __call__(self, item: Any) -> Any:
         policy = self.workers.policy
@@ -222,7 +245,18 @@ class UpdateWeights(Map):
 
 class UpdateTargetNetwork(Map):
     """Copies the learner's weights into `policy.target_model` every `every_steps` trained env
-    steps (creating it on first use). Passes its input on and reports the number of updates."""
+    steps (creating it on first use). Passes its input on and reports the number of updates.
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> op = UpdateTargetNetwork(workers, every_steps=100)
+    >>> with Plan(Stream.from_iterable(range(3)).then(op)) as plan:
+    ...     plan.ctx.counters["num_env_steps_trained"] = 250
+    ...     result = plan.step()
+    >>> result["num_target_updates"], workers.policy.target_model is not None
+    (1, True)
+    """
 
     def __init__(self, workers: WorkerSet, every_steps: int):
         self.workers = workers

@@ -219,3 +219,12 @@ def test_same_plan_file_runs_on_the_ray_executor(tmp_path, capsys, ray_session):
     assert rows[-1]["timesteps_total"] == 1024 and rows[-1]["weights_version"] == len(rows) == 4
     resolved = yaml.safe_load((tmp_path / "runs" / "tiny" / "latest" / "config.yaml").read_text())
     assert resolved["tiny"]["config"]["num_workers"] == 2
+
+
+def test_several_experiments_in_one_file_run_in_turn(tmp_path, capsys):
+    text = SMALL.format(steps=256) + SMALL.format(steps=512).replace("tiny:", "second:").replace("run: PPO", "run: A2C") \
+        .replace(", sgd_minibatch_size: 128, num_sgd_iter: 2", "").replace("train_batch_size: 256", "lr: 0.001")
+    assert run_cli("run", write(tmp_path, text), "--output-dir", tmp_path / "runs", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert out.index("tiny: done") < out.index("second: done")
+    assert (tmp_path / "runs" / "second" / "latest" / "metrics.jsonl").exists()

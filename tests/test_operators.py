@@ -120,3 +120,21 @@ def test_mix_in_replay_and_target_network(executor):
     assert len(buf) == 2
     assert results[-1]["num_env_steps_trained"] == 4 * 20
     assert results[-1]["num_target_updates"] == 2
+
+
+def test_averaged_microbatch_gradients_equal_the_full_batch_gradient(executor):
+    from flowrl.operators import AverageGradients, ComputeGradients
+
+    ws = workers(0)
+    batch = ComputeAdvantages()(ws.local_worker.sample())  # 20 rows
+
+    def mean_loss(policy, b):
+        return ((policy.model(b["obs"])[1] - b["value_targets"]) ** 2).mean(), {}
+
+    full = ComputeGradients(ws, mean_loss)(batch)
+    micro = Stream.from_iterable([batch[0:8], batch[8:16], batch[16:20]]).then(ComputeGradients(ws, mean_loss))
+    with Plan(micro.then(AverageGradients(3)), executor=executor) as plan:
+        averaged = plan.step()["output"]
+    assert averaged.num_rows == 20
+    for a, b in zip(averaged.grads, full.grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
