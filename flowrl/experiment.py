@@ -18,7 +18,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,11 +284,12 @@ class MetricsWriter:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, flush_tensorboard: bool = True) -> None:
         self.jsonl.close()
         if self.csv_file is not None:
             self.csv_file.close()
-        self.tb.close()
+        if flush_tensorboard:
+            self.tb.close()
 
 
 # ---- progress line -------------------------------------------------------------------------------
@@ -328,6 +331,31 @@ class Progress:
 
 
 # ---- running -------------------------------------------------------------------------------------
+class _GracefulInterrupt:
+    """The first Ctrl-C asks the run to stop after the current iteration (checkpoint, clean
+    close); a second one interrupts at once."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.requested = False
+        self.forced = False
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        self.progress.finish("Ctrl-C: stopping after this iteration (Ctrl-C again to stop now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 def new_run_dir(output_dir: Path, name: str) -> Path:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     run_dir = output_dir / name / stamp
@@ -369,29 +397,36 @@ def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "loca
     metrics = MetricsWriter(run_dir)
     progress = Progress(stream or sys.stdout, quiet)
     result: dict[str, Any] = {}
-    try:
-        with plan:
-            if checkpoint is not None:
-                restore_checkpoint(checkpoint, plan, workers)
-            while True:
-                result = plan.step()
-                metrics.write(result)
-                progress.update(progress_line(exp.name, result))
-                reason = stop_reason(exp.stop, result)
-                if config.checkpoint_freq and result["training_iteration"] % config.checkpoint_freq == 0 and not reason:
-                    save_checkpoint(run_dir, plan, workers)
-                if reason:
-                    break
-            save_checkpoint(run_dir, plan, workers)
-    except KeyboardInterrupt:
-        if result:
-            save_checkpoint(run_dir, plan, workers)  # nothing lost: resume with --resume RUN_DIR
-        progress.finish(f"{exp.name}: interrupted; checkpoint saved in {run_dir}")
-        raise
-    finally:
-        metrics.close()
-        executor.close()
-        workers.local_worker.close()
+    reason = None
+    with _GracefulInterrupt(progress) as interrupt:
+        try:
+            with plan:
+                if checkpoint is not None:
+                    restore_checkpoint(checkpoint, plan, workers)
+                while True:
+                    result = plan.step()
+                    metrics.write(result)
+                    progress.update(progress_line(exp.name, result))
+                    reason = stop_reason(exp.stop, result)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    if config.checkpoint_freq and result["training_iteration"] % config.checkpoint_freq == 0 \
+                            and not reason:
+                        save_checkpoint(run_dir, plan, workers)
+                    if reason:
+                        break
+                save_checkpoint(run_dir, plan, workers)
+        except KeyboardInterrupt:
+            if result:
+                save_checkpoint(run_dir, plan, workers)  # nothing lost: resume with --resume RUN_DIR
+            progress.finish(f"{exp.name}: interrupted; checkpoint saved in {run_dir}")
+            raise
+        finally:
+            # After a second Ctrl-C the TensorBoard writer may have been cut off mid-write;
+            # waiting for its queue could then hang, so only our own files are closed.
+            metrics.close(flush_tensorboard=not interrupt.forced)
+            executor.close()
+            workers.local_worker.close()
     result["stop_reason"] = reason
     result["run_dir"] = str(run_dir)
     ret = result.get("episode_return_mean")
