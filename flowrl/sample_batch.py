@@ -15,6 +15,7 @@ encoded with msgpack.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -130,11 +131,30 @@ def _summary(arr: np.ndarray) -> str:
     return text + ")"
 
 
+@functools.lru_cache(maxsize=128)
+def _read_schema(schema_bytes: bytes) -> pa.Schema:
+    # Batches from one source share a schema: parse it once per process.
+    return pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+
+
+def _array_from_buffer(field_type: pa.DataType, rows: int, buf) -> pa.Array:
+    """An array of `field_type` over `buf` (the column's raw values), without copying."""
+    data = pa.py_buffer(buf)
+    if isinstance(field_type, pa.FixedShapeTensorType):
+        size = int(np.prod(field_type.shape))
+        values = pa.Array.from_buffers(field_type.value_type, rows * size, [None, data])
+        storage = pa.FixedSizeListArray.from_arrays(values, size)
+        return pa.ExtensionArray.from_storage(field_type, storage)
+    if isinstance(field_type, pa.ExtensionType):  # bool8: one byte per value
+        return pa.ExtensionArray.from_storage(field_type, pa.Array.from_buffers(field_type.storage_type, rows,
+                                                                                [None, data]))
+    return pa.Array.from_buffers(field_type, rows, [None, data])
+
+
 def _rebuild(schema_bytes: bytes, buffers: list) -> "SampleBatch":
     """Unpickle target: column data arrives as raw buffers (out of band under protocol 5)."""
-    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
-    arrays = [_to_arrow_column(np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape))[0]
-              for shape, dtype, buf in buffers]
+    schema = _read_schema(schema_bytes)
+    arrays = [_array_from_buffer(field.type, shape[0], buf) for field, (shape, _, buf) in zip(schema, buffers)]
     rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
         pa.RecordBatch.from_pylist([], schema=schema)
     return SampleBatch._wrap(rb)
