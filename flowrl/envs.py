@@ -34,6 +34,18 @@ def check_env_id(env: str) -> None:
     raise EnvError(f"unknown env {env!r}{hint}")
 
 
+def make_env(env: str, env_config: dict[str, Any] | None = None) -> gym.Env:
+    """One env from a registered id or a "package.module:Class" entry point."""
+    env_config = dict(env_config or {})
+    check_env_id(env)
+    try:
+        if ":" in env and env not in gym.envs.registry:
+            return _load_entry_point(env)(**env_config)
+        return gym.make(env, **env_config)
+    except TypeError as e:
+        raise EnvError(f"env {env!r}: bad env_config {env_config} ({e})") from None
+
+
 def make_vector_env(env: str, num_envs: int = 1, env_config: dict[str, Any] | None = None,
                     vectorization: str = "auto") -> gym.vector.VectorEnv:
     """A vector env of `num_envs` copies. `vectorization`: "auto" uses the env's own numpy
@@ -45,8 +57,7 @@ def make_vector_env(env: str, num_envs: int = 1, env_config: dict[str, Any] | No
         raise EnvError(f"vectorization {vectorization!r} must be auto, sync, async or vector_entry_point")
     try:
         if ":" in env and env not in gym.envs.registry:
-            cls = _load_entry_point(env)
-            fns = [lambda: cls(**env_config) for _ in range(num_envs)]
+            fns = [lambda: make_env(env, env_config) for _ in range(num_envs)]
             return gym.vector.AsyncVectorEnv(fns) if vectorization == "async" else gym.vector.SyncVectorEnv(fns)
         mode = vectorization
         if mode == "auto":

@@ -470,12 +470,9 @@ class TrainedPolicy:
         return int(action) if np.ndim(action) == 0 else action
 
     def evaluate(self, episodes: int, seed: int = 0) -> list[float]:
-        import gymnasium as gym
+        from flowrl.envs import make_env
 
-        from flowrl.envs import make_vector_env
-
-        env = make_vector_env(self.env, 1, self.env_config).envs[0] if ":" in self.env and \
-            self.env not in gym.envs.registry else gym.make(self.env, **self.env_config)
+        env = make_env(self.env, self.env_config)
         returns = []
         for i in range(episodes):
             obs, _ = env.reset(seed=seed + i)

@@ -14,7 +14,6 @@ terminating, else the next row's vf_preds), weights_version. `batch.episodes` ho
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gymnasium as gym
@@ -171,9 +170,6 @@ class RolloutWorker:
 
     def weights_version(self) -> int:
         return self.policy.weights_version
-
-    def ping(self) -> int:
-        return os.getpid()
 
     def close(self) -> None:
         if self.env is not None:

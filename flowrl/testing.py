@@ -35,9 +35,6 @@ class CountingSource:
     def produced(self) -> int:
         return self.n
 
-    def ping(self) -> int:
-        return self.index
-
 
 def flowrl_threads() -> list[threading.Thread]:
     """Threads started by flowrl that are still alive."""

@@ -66,11 +66,11 @@ class VTraceTargets(Map):
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         policy = self.workers.policy
         with torch.no_grad():
-            obs, new_obs = batch.to_torch()["obs"], batch.to_torch()["new_obs"]
-            target_inputs, _ = policy.target_model(obs)
-            target_logp = policy.dist(target_inputs).log_prob(torch.as_tensor(batch["actions"])).numpy()
-            values = policy.model(obs)[1].numpy()
-            next_values = policy.model(new_obs)[1].numpy()
+            tensors = batch.to_torch()
+            target_inputs, _ = policy.target_model(tensors["obs"])
+            target_logp = policy.dist(target_inputs).log_prob(tensors["actions"]).numpy()
+            values = policy.model(tensors["obs"])[1].numpy()
+            next_values = policy.model(tensors["new_obs"])[1].numpy()
         vs, pg_advantages = vtrace(batch["action_logp"], target_logp, batch["rewards"], values, next_values,
                                    batch["terminateds"], trajectory_ends(batch), self.config.gamma,
                                    self.config.vtrace_clip_rho, self.config.vtrace_clip_c)
