@@ -268,7 +268,12 @@ class MetricsWriter:
         self.tb = SummaryWriter(log_dir=str(run_dir))
 
     def write(self, result: dict[str, Any]) -> None:
-        row = {k: _jsonable(v) for k, v in result.items()}
+        row = {}
+        for key, value in result.items():  # nested dicts (operator_time_s) become "key/name"
+            if isinstance(value, dict):
+                row.update({f"{key}/{name}": _jsonable(v) for name, v in value.items()})
+            else:
+                row[key] = _jsonable(value)
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.csv is None:

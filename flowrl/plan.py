@@ -41,6 +41,8 @@ class PlanContext:
         self.info: dict[str, Any] = {}  # extra values an operator wants in the next result
         # (return, length) of the most recent finished episodes, for return/length means.
         self.episodes: collections.deque[tuple[float, int]] = collections.deque(maxlen=100)
+        # Seconds spent inside each operator (by name) since the plan started.
+        self.operator_time: dict[str, float] = {}
         self._opened: dict[int, Any] = {}
         self._threads: list[Any] = []
         self._actor_sets: list[ActorSet] = []
@@ -191,6 +193,7 @@ class Plan:
         item = None
         counters = self.ctx.counters
         steps_before = counters["num_env_steps_sampled"]
+        time_before = dict(self.ctx.operator_time)
         try:
             while (items < self.min_items or time.perf_counter() - t0 < self.min_time_s
                    or counters["num_env_steps_sampled"] - steps_before < self.min_env_steps):
@@ -216,6 +219,8 @@ class Plan:
         result["num_actor_restarts"] = self.ctx.num_actor_restarts
         result.update({"items_this_iter": items, "time_this_iter_s": elapsed, "time_total_s": self._time_total,
                        "env_steps_per_s": (counters["num_env_steps_sampled"] - steps_before) / max(elapsed, 1e-9)})
+        result["operator_time_s"] = {name: spent - time_before.get(name, 0.0)
+                                     for name, spent in self.ctx.operator_time.items()}
         result.update(self.ctx.info)
         self.ctx.info.clear()
         result.update(extra)

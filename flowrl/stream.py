@@ -19,6 +19,7 @@ import enum
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -225,36 +226,48 @@ class _Map(Stream):
 
     def _iterate(self, ctx):
         _setup(self.fn, ctx)
-        fn, name = self.fn, self.name
+        fn, name, clock = self.fn, self.name, time.perf_counter
+        spent = ctx.operator_time
+        spent.setdefault(name, 0.0)
         for item in ctx.open(self.upstreams[0]):
+            t0 = clock()
             try:
                 out = fn(item)
             except Exception as e:
                 raise _wrap_error(name, e) from e
+            spent[name] += clock() - t0
             yield out
 
 
 class _FlatMap(_Map):
     def _iterate(self, ctx):
         _setup(self.fn, ctx)
-        fn, name = self.fn, self.name
+        fn, name, clock = self.fn, self.name, time.perf_counter
+        spent = ctx.operator_time
+        spent.setdefault(name, 0.0)
         for item in ctx.open(self.upstreams[0]):
+            t0 = clock()
             try:
                 outs = list(fn(item))
             except Exception as e:
                 raise _wrap_error(name, e) from e
+            spent[name] += clock() - t0
             yield from outs
 
 
 class _Filter(_Map):
     def _iterate(self, ctx):
         _setup(self.fn, ctx)
-        fn, name = self.fn, self.name
+        fn, name, clock = self.fn, self.name, time.perf_counter
+        spent = ctx.operator_time
+        spent.setdefault(name, 0.0)
         for item in ctx.open(self.upstreams[0]):
+            t0 = clock()
             try:
                 keep = fn(item)
             except Exception as e:
                 raise _wrap_error(name, e) from e
+            spent[name] += clock() - t0
             if keep:
                 yield item
 

@@ -317,3 +317,16 @@ def test_ctrl_c_stops_a_running_plan_within_seconds(executor, tmp_path):
     assert proc.returncode == 130, rest
     assert "closed in" in rest
     assert elapsed < 10, elapsed
+
+
+def test_results_report_time_spent_in_each_operator_by_name(executor):
+    def slow(x):
+        time.sleep(0.01)
+        return x
+
+    s = Stream.from_iterable(range(10)).map(slow, name="slow_op").map(lambda x: x, name="fast_op")
+    with Plan(s, executor=executor, min_items=3) as plan:
+        first, second = plan.step(), plan.step()
+    for r in (first, second):  # per iteration, not cumulative
+        assert 0.025 <= r["operator_time_s"]["slow_op"] < 0.5
+        assert r["operator_time_s"]["fast_op"] < r["operator_time_s"]["slow_op"]
