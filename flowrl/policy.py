@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from dataclasses import dataclass
@@ -230,22 +231,42 @@ class ActorCritic(nn.Module):
             n_in = flat_obs_size(observation_space)
         self.pi = _mlp(n_in, hidden, activation, num_outputs, out_std=0.01)
         self.vf = _mlp(n_in, hidden, activation, 1, out_std=1.0)
+        self._steps = None  # built on first forward
 
     def forward(self, obs: torch.Tensor):
-        features = _run(self.encoder, obs if obs.dtype != torch.float64 else obs.float())
+        if self._steps is None:
+            self._steps = tuple(_layer_calls(m) for m in (self.encoder, self.pi, self.vf))
+        encoder, pi, vf = self._steps
+        features = _apply(encoder, obs if obs.dtype != torch.float64 else obs.float())
         if features.dtype != torch.float32:
             features = features.float()
-        return _run(self.pi, features), _run(self.vf, features).squeeze(-1)
+        return _apply(pi, features), _apply(vf, features).squeeze(-1)
 
 
-def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # Each layer's forward() is called directly: nn.Module.__call__'s hook machinery costs more
-    # than the arithmetic of these small layers (inference on one observation: 57 -> 23 us).
-    if isinstance(module, nn.Sequential):
-        for layer in module:
-            x = _run(layer, x)
-        return x
-    return module.forward(x)
+def _layer_calls(module: nn.Module) -> list:
+    """The layers of `module` as plain calls. Going through nn.Module.__call__ (hooks) and
+    attribute lookups for every small layer costs more than their arithmetic: inference on one
+    observation takes 24 us this way against 57 us. The calls hold the Parameter objects
+    themselves, which the optimizer, load_state_dict and deepcopy all keep (they update
+    values in place or map them to their copies)."""
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    calls = []
+    for layer in layers:
+        if type(layer) is nn.Linear:
+            calls.append(functools.partial(nn.functional.linear, weight=layer.weight, bias=layer.bias))
+        elif type(layer) is nn.Tanh:
+            calls.append(torch.tanh)
+        elif type(layer) is nn.Flatten and layer.start_dim == 1 and layer.end_dim == -1:
+            calls.append(functools.partial(torch.flatten, start_dim=1))
+        else:
+            calls.append(layer.forward)
+    return calls
+
+
+def _apply(calls: list, x: torch.Tensor) -> torch.Tensor:
+    for call in calls:
+        x = call(x)
+    return x
 
 
 @dataclass

@@ -196,3 +196,23 @@ def test_categorical_sampling_follows_the_probabilities():
     out = policy.compute_actions(obs)
     probs = np.exp(policy.dist(policy.model(torch.as_tensor(obs[:1]))[0]).dist.logits.detach().numpy()[0])
     np.testing.assert_allclose(np.bincount(out.actions, minlength=3) / len(obs), probs, atol=0.015)
+
+
+def test_model_forward_follows_weight_updates_copies_and_loads():
+    import copy
+
+    policy = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), seed=0)
+    obs = torch.ones(3, 4)
+    before = policy.model(obs)[1].detach().clone()
+    target = copy.deepcopy(policy.model)
+    loss = policy.model(obs)[1].sum()
+    policy.optimizer.zero_grad()
+    loss.backward()
+    policy.optimizer.step()
+    after = policy.model(obs)[1].detach()
+    assert not torch.allclose(before, after)                  # the optimizer's update is seen
+    torch.testing.assert_close(target(obs)[1], before)        # a deepcopy keeps its own weights
+    target.load_state_dict(policy.model.state_dict())
+    torch.testing.assert_close(target(obs)[1], after)         # load_state_dict is seen too
+    reference = policy.model.vf[4](policy.model.vf[3](policy.model.vf[2](policy.model.vf[1](policy.model.vf[0](obs)))))
+    torch.testing.assert_close(after, reference.squeeze(-1))  # same math as the modules' own calls
