@@ -228,3 +228,18 @@ def test_several_experiments_in_one_file_run_in_turn(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.index("tiny: done") < out.index("second: done")
     assert (tmp_path / "runs" / "second" / "latest" / "metrics.jsonl").exists()
+
+
+def test_ray_workers_import_a_user_env_from_the_working_directory(tmp_path, capsys, monkeypatch, ray_session):
+    monkeypatch.chdir(ROOT)
+    plan = write(tmp_path, """
+countdown:
+  env: tests.test_rollouts:CountdownEnv
+  run: PPO
+  stop: {timesteps_total: 512}
+  config: {num_envs_per_worker: 2, rollout_fragment_length: 64, train_batch_size: 256, sgd_minibatch_size: 128,
+           num_cpus_per_worker: 0.5, env_config: {length: 4}}
+""")
+    assert run_cli("run", plan, "--executor", "ray", "--num-workers", "2", "--output-dir", tmp_path / "runs",
+                   "--quiet") == 0
+    assert "episode_return_mean 4.00" in capsys.readouterr().out
