@@ -1,8 +1,14 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Property tests check correctness, not speed: no per-example deadline, which would fail at
+# random on a loaded machine (CI shares its cores).
+settings.register_profile("flowrl", deadline=None)
+settings.load_profile("flowrl")
 
 
 @pytest.fixture(scope="session")
