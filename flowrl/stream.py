@@ -220,54 +220,44 @@ class _Source(Stream[T]):
 
 
 class _Map(Stream):
+    _materialize = False  # FlatMap: run the whole of fn(item) inside the timing and error naming
+
     def __init__(self, upstream: Stream, fn: Callable, name: str):
         super().__init__(name, (upstream,))
         self.fn = fn
 
-    def _iterate(self, ctx):
+    def _calls(self, ctx):
+        """(item, fn(item)) for each input item: the one loop every map-like node shares, which
+        sets the operator up, times it and names it in errors."""
         _setup(self.fn, ctx)
-        fn, name, clock = self.fn, self.name, time.perf_counter
+        fn, name, clock, materialize = self.fn, self.name, time.perf_counter, self._materialize
         spent = ctx.operator_time
         spent.setdefault(name, 0.0)
         for item in ctx.open(self.upstreams[0]):
             t0 = clock()
             try:
-                out = fn(item)
+                out = list(fn(item)) if materialize else fn(item)
             except Exception as e:
                 raise _wrap_error(name, e) from e
             spent[name] += clock() - t0
+            yield item, out
+
+    def _iterate(self, ctx):
+        for _, out in self._calls(ctx):
             yield out
 
 
 class _FlatMap(_Map):
+    _materialize = True
+
     def _iterate(self, ctx):
-        _setup(self.fn, ctx)
-        fn, name, clock = self.fn, self.name, time.perf_counter
-        spent = ctx.operator_time
-        spent.setdefault(name, 0.0)
-        for item in ctx.open(self.upstreams[0]):
-            t0 = clock()
-            try:
-                outs = list(fn(item))
-            except Exception as e:
-                raise _wrap_error(name, e) from e
-            spent[name] += clock() - t0
+        for _, outs in self._calls(ctx):
             yield from outs
 
 
 class _Filter(_Map):
     def _iterate(self, ctx):
-        _setup(self.fn, ctx)
-        fn, name, clock = self.fn, self.name, time.perf_counter
-        spent = ctx.operator_time
-        spent.setdefault(name, 0.0)
-        for item in ctx.open(self.upstreams[0]):
-            t0 = clock()
-            try:
-                keep = fn(item)
-            except Exception as e:
-                raise _wrap_error(name, e) from e
-            spent[name] += clock() - t0
+        for item, keep in self._calls(ctx):
             if keep:
                 yield item
 
