@@ -1,4 +1,4 @@
-"""The `flowrl` command line: run, eval, plans, plot.
+"""The `flowrl` command line: run, eval, plans, plot, dataset inspect.
 
 Bad input (a plan file, an override, a run directory, a checkpoint) prints one line naming the
 file and key to stderr and exits with code 2; no traceback.
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("plans", help="list the built-in plans with their defaults")
+
+    dataset = sub.add_parser("dataset", help="offline datasets")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND", parser_class=_Parser,
+                                         required=True)
+    inspect = dataset_sub.add_parser("inspect", help="schema, spaces, rows, episodes and return statistics")
+    inspect.add_argument("path", metavar="PATH", help="a file, directory, glob, or minari:DATASET_ID")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
     plot = sub.add_parser("plot", help="write a PNG learning curve (return vs env steps)")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -97,6 +104,15 @@ def _plans(args) -> int:
     return 0
 
 
+def _dataset(args) -> int:
+    from flowrl.connectors import Dataset
+    from flowrl.connectors.inspect import format_info, inspect_dataset
+
+    info = inspect_dataset(Dataset.open(args.path))
+    print(json.dumps(info) if args.json else format_info(info))
+    return 0
+
+
 def _plot(args) -> int:
     from flowrl.experiment import ExperimentError
 
@@ -132,6 +148,7 @@ def _plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from flowrl.config import ConfigError
+    from flowrl.connectors import DatasetError
     from flowrl.envs import EnvError
     from flowrl.experiment import ExperimentError
 
@@ -145,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     # directory, as they would under `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    commands = {"run": _run, "eval": _eval, "plans": _plans, "plot": _plot}
+    commands = {"run": _run, "eval": _eval, "plans": _plans, "plot": _plot, "dataset": _dataset}
     try:
         return commands[args.command](args)
-    except (ExperimentError, ConfigError, EnvError) as e:
+    except (ExperimentError, ConfigError, EnvError, DatasetError) as e:
         print(f"flowrl: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -38,6 +38,9 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
 
 
 Schedule = list  # [[timestep, value], ...], piecewise linear
+# Dataset formats the output connector writes, with the compressions each one takes.
+OUTPUT_COMPRESSIONS = {"parquet": ("zstd", "snappy", "gzip", "lz4", "brotli", "none"),
+                       "arrow": ("zstd", "lz4", "none")}
 
 
 @dataclass
@@ -58,6 +61,11 @@ class CommonConfig:
     lr_schedule: Schedule | None = None      # [[timestep, lr], ...], overrides lr when given
     gamma: float = 0.99
     grad_clip: float | None = 0.5
+    # Recording what is sampled (connectors.output): a Parquet or Arrow IPC dataset directory
+    output: str | None = None
+    output_format: str = "parquet"           # parquet | arrow
+    output_max_rows_per_file: int = 100_000
+    output_compression: str = "zstd"         # parquet: zstd snappy gzip lz4 brotli none; arrow: zstd lz4 none
     # Reporting and checkpoints
     min_time_s_per_iteration: float = 0.0
     checkpoint_freq: int = 20                # iterations between checkpoints (0: only at the end)
@@ -82,6 +90,15 @@ class CommonConfig:
         if self.num_cpus_per_worker <= 0:
             raise ConfigError("num_cpus_per_worker", f"must be > 0, got {self.num_cpus_per_worker}")
         check_schedule("lr_schedule", self.lr_schedule)
+        if self.output_format not in OUTPUT_COMPRESSIONS:
+            raise ConfigError("output_format", f"must be one of {', '.join(OUTPUT_COMPRESSIONS)}, "
+                                               f"got {self.output_format!r}")
+        if self.output_compression not in OUTPUT_COMPRESSIONS[self.output_format]:
+            raise ConfigError("output_compression", f"for {self.output_format} must be one of "
+                                                    f"{', '.join(OUTPUT_COMPRESSIONS[self.output_format])}, "
+                                                    f"got {self.output_compression!r}")
+        if self.output_max_rows_per_file < 1:
+            raise ConfigError("output_max_rows_per_file", f"must be >= 1, got {self.output_max_rows_per_file}")
         unknown = set(self.model) - {"hidden", "activation", "custom_model"}
         custom = self.model.get("custom_model")
         if unknown and not custom:

@@ -36,7 +36,8 @@ from flowrl.executors import make_executor
 from flowrl.policy import TorchPolicy
 
 EXPERIMENT_KEYS = ("env", "run", "plan", "stop", "config")
-STOP_KEYS = ("episode_return_mean", "timesteps_total", "time_total_s", "training_iteration")
+STOP_KEYS = ("episode_return_mean", "timesteps_total", "time_total_s", "training_iteration",
+             "evaluation/episode_return_mean")
 STOP_ALIASES = {"episode_reward_mean": "episode_return_mean"}
 
 
@@ -47,7 +48,7 @@ class ExperimentError(ValueError):
 @dataclass
 class Experiment:
     name: str
-    env: str
+    env: str | None  # offline plans may train from a dataset alone
     plan_name: str
     plan: Any  # PlanSpec
     stop: dict[str, float]
@@ -133,12 +134,15 @@ def load_experiments(path: str | os.PathLike, overrides: list[tuple[str, Any]] =
         except ValueError as e:
             raise ExperimentError(f"{where}: {'plan' if 'plan' in spec else 'run'}: {e}") from None
         env = spec.get("env")
-        if not isinstance(env, str) or not env:
+        if env is None and plan.check_input is not None:
+            pass  # an offline plan: the dataset's spaces suffice, and nothing is evaluated
+        elif not isinstance(env, str) or not env:
             raise ExperimentError(f"{where}: env: missing (a gymnasium id such as CartPole-v1, or 'module:Class')")
-        try:
-            check_env_id(env)
-        except EnvError as e:
-            raise ExperimentError(f"{where}: env: {e}") from None
+        else:
+            try:
+                check_env_id(env)
+            except EnvError as e:
+                raise ExperimentError(f"{where}: env: {e}") from None
         stop = _parse_stop(spec.get("stop"), where)
         config_data = spec.get("config") or {}
         if not isinstance(config_data, dict):
@@ -147,8 +151,37 @@ def load_experiments(path: str | os.PathLike, overrides: list[tuple[str, Any]] =
             config = parse_config(plan.config_class, config_data)
         except ConfigError as e:
             raise ExperimentError(f"{where}: {e}") from None
+        if plan.check_input is not None:
+            _check_input(plan, config, env, where)
         experiments.append(Experiment(str(name), env, plan_name, plan, stop, config, path))
     return experiments
+
+
+def env_spaces(env: str | None, env_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The obs/new_obs/actions spaces of an env, as batches name them."""
+    if env is None:
+        return None
+    from flowrl.envs import make_vector_env
+
+    vec = make_vector_env(env, 1, env_config)
+    try:
+        return {"obs": vec.single_observation_space, "new_obs": vec.single_observation_space,
+                "actions": vec.single_action_space}
+    finally:
+        vec.close()
+
+
+def _check_input(plan, config, env: str | None, where: str) -> dict[str, Any]:
+    from flowrl.connectors import DatasetError
+
+    try:
+        return plan.check_input(config, env_spaces(env, config.env_config))
+    except DatasetError as e:
+        raise ExperimentError(f"{where}: config.input: {e}") from None
+    except ConfigError as e:
+        raise ExperimentError(f"{where}: config.{e}") from None
+    except EnvError as e:
+        raise ExperimentError(f"{where}: env: {e}") from None
 
 
 def _parse_stop(stop: Any, where: str) -> dict[str, float]:
@@ -163,15 +196,24 @@ def _parse_stop(stop: Any, where: str) -> dict[str, float]:
             raise ExperimentError(f"{where}: stop.{key}: unknown stop key{suggest(str(key), STOP_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ExperimentError(f"{where}: stop.{key}: expected a number, got {value!r}")
-        if name != "episode_return_mean" and value <= 0:
+        if not name.endswith("episode_return_mean") and value <= 0:
             raise ExperimentError(f"{where}: stop.{key}: must be > 0, got {value}")
         out[name] = float(value)
     return out
 
 
+def result_value(result: dict[str, Any], key: str) -> Any:
+    """`result[key]`, where "a/b" reads the nested `result["a"]["b"]`."""
+    if key in result:
+        return result[key]
+    head, sep, rest = key.partition("/")
+    inner = result.get(head) if sep else None
+    return inner.get(rest) if isinstance(inner, dict) else None
+
+
 def stop_reason(stop: dict[str, float], result: dict[str, Any]) -> str | None:
     for key, bound in stop.items():
-        value = result.get(key)
+        value = result_value(result, key)
         if value is not None and value >= bound:
             return f"{key} {value:.6g} >= {bound:.6g}"
     return None
@@ -305,8 +347,10 @@ def _clock(seconds: float) -> str:
 def progress_line(name: str, r: dict[str, Any]) -> str:
     ret = r.get("episode_return_mean")
     ret_text = f"{ret:8.2f}" if ret is not None else "     n/a"
-    return (f"{name} | iter {r['training_iteration']:5d} | steps {r['timesteps_total']:>10,} | return {ret_text} | "
-            f"{r['env_steps_per_s']:>9,.0f} steps/s | {_clock(r['time_total_s'])}")
+    evaluation = r.get("evaluation")
+    eval_text = f" | eval {evaluation['episode_return_mean']:8.2f}" if isinstance(evaluation, dict) else ""
+    return (f"{name} | iter {r['training_iteration']:5d} | steps {r['timesteps_total']:>10,} | return {ret_text}"
+            f"{eval_text} | {r['env_steps_per_s']:>9,.0f} steps/s | {_clock(r['time_total_s'])}")
 
 
 class Progress:
@@ -395,8 +439,18 @@ def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "loca
     (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.resolved(), sort_keys=False))
     executor = make_executor("ray", address=address, num_cpus=num_cpus) if executor_kind == "ray" else \
         make_executor("local")
+    worker_kwargs = config.worker_kwargs(exp.env)
+    if exp.env is None:  # an offline plan without an env: the policy is built from the dataset's spaces
+        spaces = _check_input(exp.plan, config, None, exp.source)
+        worker_kwargs.update(observation_space=spaces["obs"], action_space=spaces["actions"])
+    output = None
+    if config.output:
+        from flowrl.connectors import DatasetWriter
+
+        output = DatasetWriter(config.output, config.output_format, config.output_max_rows_per_file,
+                               config.output_compression)
     workers = WorkerSet(num_workers=config.num_workers, num_cpus_per_worker=config.num_cpus_per_worker,
-                        max_restarts=config.max_actor_restarts, **config.worker_kwargs(exp.env))
+                        max_restarts=config.max_actor_restarts, output=output, **worker_kwargs)
     plan = exp.plan.build(workers, config)
     plan.executor = executor
     metrics = MetricsWriter(run_dir)
@@ -432,12 +486,16 @@ def run_experiment(exp: Experiment, output_dir: Path, executor_kind: str = "loca
             metrics.close(flush_tensorboard=not interrupt.forced)
             executor.close()
             workers.local_worker.close()
+            if output is not None:
+                output.close()
     result["stop_reason"] = reason
     result["run_dir"] = str(run_dir)
     ret = result.get("episode_return_mean")
+    evaluation = result_value(result, "evaluation/episode_return_mean")
+    eval_text = f", greedy evaluation return {evaluation:.2f}" if evaluation is not None else ""
     progress.finish(f"{exp.name}: done at iteration {result['training_iteration']} ({reason}); "
                     f"{result['timesteps_total']:,} env steps in {_clock(result['time_total_s'])}, "
-                    f"episode_return_mean {'n/a' if ret is None else f'{ret:.2f}'}; run dir {run_dir}")
+                    f"episode_return_mean {'n/a' if ret is None else f'{ret:.2f}'}{eval_text}; run dir {run_dir}")
     return result
 
 
@@ -468,6 +526,7 @@ class TrainedPolicy:
 
     def compute_action(self, obs: Any, explore: bool = False) -> Any:
         from flowrl.policy import obs_to_array
+        from flowrl.rollout import _add_batch_dim
 
         batched = _add_batch_dim(self.policy.observation_space, obs)
         out = self.policy.compute_actions(obs_to_array(self.policy.observation_space, batched), explore=explore)
@@ -475,30 +534,9 @@ class TrainedPolicy:
         return int(action) if np.ndim(action) == 0 else action
 
     def evaluate(self, episodes: int, seed: int = 0) -> list[float]:
-        from flowrl.envs import make_env
+        from flowrl.rollout import evaluate_policy
 
-        env = make_env(self.env, self.env_config)
-        returns = []
-        for i in range(episodes):
-            obs, _ = env.reset(seed=seed + i)
-            total, done = 0.0, False
-            while not done:
-                obs, reward, terminated, truncated, _ = env.step(self.compute_action(obs))
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-        env.close()
-        return returns
-
-
-def _add_batch_dim(space, obs):
-    import gymnasium as gym
-
-    if isinstance(space, gym.spaces.Dict):
-        return {k: _add_batch_dim(s, obs[k]) for k, s in space.spaces.items()}
-    if isinstance(space, gym.spaces.Tuple):
-        return tuple(_add_batch_dim(s, o) for s, o in zip(space.spaces, obs))
-    return np.asarray(obs)[None]
+        return evaluate_policy(self.policy, self.env, self.env_config, episodes, seed)
 
 
 def load_policy(path: str | os.PathLike) -> TrainedPolicy:
@@ -508,6 +546,9 @@ def load_policy(path: str | os.PathLike) -> TrainedPolicy:
     checkpoint = latest_checkpoint(Path(path))
     run_dir = checkpoint.parent.parent
     env, _, config = read_run_config(run_dir)
+    if env is None:
+        raise ExperimentError(f"{run_dir}: the run trained from a dataset without naming an env; there is nothing "
+                              "to evaluate it in")
     vec = make_vector_env(env, 1, config.get("env_config") or {})
     policy = TorchPolicy(vec.single_observation_space, vec.single_action_space, config.get("model"), seed=0)
     vec.close()

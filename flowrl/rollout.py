@@ -38,21 +38,31 @@ class RolloutWorker:
     """Owns a vector env of `num_envs_per_worker` sub-envs and a policy copy.
 
     `actor_index` 0 is the local worker (in the driver, also the learner's policy); remote
-    workers are 1..N. With `sample=False` no env is kept (a learner that never samples).
+    workers are 1..N. With `sample=False` no env is kept (a learner that never samples); such a
+    worker may be given `observation_space` and `action_space` instead of an env (offline
+    training from a dataset that names no env).
     """
 
-    def __init__(self, env: str, num_envs_per_worker: int = 1, rollout_fragment_length: int = 200,
+    def __init__(self, env: str | None, num_envs_per_worker: int = 1, rollout_fragment_length: int = 200,
                  env_config: dict[str, Any] | None = None, vectorization: str = "auto",
                  model: dict[str, Any] | None = None, seed: int | None = None, lr: float = 3e-4,
-                 actor_index: int = 0, sample: bool = True, num_threads: int | None = 1):
+                 actor_index: int = 0, sample: bool = True, num_threads: int | None = 1,
+                 observation_space: gym.Space | None = None, action_space: gym.Space | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)  # one thread per worker: workers share the cores
         self.index = actor_index
         self.fragment_length = rollout_fragment_length
         self.seed = worker_seed(seed, actor_index)
-        self.env = make_vector_env(env, num_envs_per_worker if sample else 1, env_config, vectorization)
-        self.observation_space = self.env.single_observation_space
-        self.action_space = self.env.single_action_space
+        if env is None:
+            if sample or observation_space is None or action_space is None:
+                raise ValueError("a RolloutWorker without an env samples nothing and needs observation_space "
+                                 "and action_space")
+            self.env = None
+            self.observation_space, self.action_space = observation_space, action_space
+        else:
+            self.env = make_vector_env(env, num_envs_per_worker if sample else 1, env_config, vectorization)
+            self.observation_space = self.env.single_observation_space
+            self.action_space = self.env.single_action_space
         # Every copy of the policy starts from the same weights (the base seed); each worker
         # samples actions from its own seed.
         self.policy = TorchPolicy(self.observation_space, self.action_space, model, seed=seed, lr=lr,
@@ -60,7 +70,8 @@ class RolloutWorker:
         self.spaces = {"obs": self.observation_space, "new_obs": self.observation_space,
                        "actions": self.action_space}
         if not sample:
-            self.env.close()
+            if self.env is not None:
+                self.env.close()
             self.env = None
             return
         n = self.env.num_envs
@@ -176,18 +187,55 @@ class RolloutWorker:
             self.env.close()
 
 
+def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | None = None, episodes: int = 10,
+                    seed: int = 0, explore: bool = False, with_lengths: bool = False):
+    """Returns of `episodes` whole episodes in a fresh env (seeds seed, seed + 1, ...), acting
+    greedily unless `explore`; with `with_lengths`, (returns, lengths)."""
+    from flowrl.envs import make_env
+
+    e = make_env(env, env_config)
+    space = policy.observation_space
+    returns, lengths = [], []
+    try:
+        for i in range(episodes):
+            obs, _ = e.reset(seed=seed + i)
+            total, done, steps = 0.0, False, 0
+            while not done:
+                steps += 1
+                action = policy.compute_actions(obs_to_array(space, _add_batch_dim(space, obs)), explore).env_actions[0]
+                obs, reward, terminated, truncated, _ = e.step(int(action) if np.ndim(action) == 0 else action)
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+            lengths.append(steps)
+    finally:
+        e.close()
+    return (returns, lengths) if with_lengths else returns
+
+
+def _add_batch_dim(space: gym.Space, obs: Any) -> Any:
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _add_batch_dim(s, obs[k]) for k, s in space.spaces.items()}
+    if isinstance(space, gym.spaces.Tuple):
+        return tuple(_add_batch_dim(s, o) for s, o in zip(space.spaces, obs))
+    return np.asarray(obs)[None]
+
+
 class WorkerSet:
     """The local worker (in the driver; its policy is the one trained) and `num_workers`
     remote rollout workers (an ActorSet, started with the plan). A replaced remote worker gets
-    the local worker's current weights before it samples again."""
+    the local worker's current weights before it samples again. `output`, when given, records
+    every batch that ParallelRollouts samples (`write(batch)`, `close()`)."""
 
     def __init__(self, num_workers: int = 0, num_cpus_per_worker: float = 1.0, max_restarts: int = 3,
-                 **worker_kwargs: Any):
+                 output: Any = None, **worker_kwargs: Any):
+        self.output = output
         if worker_kwargs.get("seed") is None:
             # One seed for all, so that every policy copy starts from the same weights.
             worker_kwargs["seed"] = int(np.random.SeedSequence().entropy % (2**31))
         self.worker_kwargs = worker_kwargs
-        self.local_worker = RolloutWorker(**worker_kwargs, actor_index=0, sample=num_workers == 0)
+        self.local_worker = RolloutWorker(**worker_kwargs, actor_index=0,
+                                          sample=num_workers == 0 and worker_kwargs.get("env") is not None)
         self.remote_workers = ActorSet(RolloutWorker, num_workers, kwargs=worker_kwargs, name="RolloutWorker",
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
                                        index_offset=1)  # index 0 is the local worker

@@ -86,8 +86,20 @@ def decode_space(data: bytes) -> gym.Space:
     return space_from_dict(d)
 
 
+_encoded: dict[tuple, tuple[list, bytes]] = {}
+
+
 def encode_spaces(spaces: dict[str, gym.Space]) -> bytes:
-    return msgpack.packb({k: space_to_dict(s) for k, s in spaces.items()}, use_bin_type=True)
+    # Batches are built many times over with the same space objects: encode each set once.
+    key = tuple((k, id(s)) for k, s in spaces.items())
+    hit = _encoded.get(key)
+    if hit is not None:
+        return hit[1]
+    data = msgpack.packb({k: space_to_dict(s) for k, s in spaces.items()}, use_bin_type=True)
+    if len(_encoded) >= 256:
+        _encoded.clear()
+    _encoded[key] = (list(spaces.values()), data)  # holding the spaces keeps their ids unique
+    return data
 
 
 def decode_spaces(data: bytes) -> dict[str, gym.Space]:

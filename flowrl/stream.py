@@ -78,11 +78,15 @@ def _setup(op: Any, ctx: "PlanContext") -> None:
 class Operator:
     """Base class for operators with state. Subclass one of `Map`, `FlatMap` or `Filter` and
     implement `__call__`; `setup(ctx)` runs once when the plan starts (counters live in
-    `ctx.counters`). `name` defaults to the class name."""
+    `ctx.counters`), `teardown()` once when it closes (flush files, release handles). `name`
+    defaults to the class name."""
 
     name: str | None = None
 
     def setup(self, ctx: "PlanContext") -> None:
+        pass
+
+    def teardown(self) -> None:
         pass
 
 
@@ -233,14 +237,19 @@ class _Map(Stream):
         fn, name, clock, materialize = self.fn, self.name, time.perf_counter, self._materialize
         spent = ctx.operator_time
         spent.setdefault(name, 0.0)
-        for item in ctx.open(self.upstreams[0]):
-            t0 = clock()
-            try:
-                out = list(fn(item)) if materialize else fn(item)
-            except Exception as e:
-                raise _wrap_error(name, e) from e
-            spent[name] += clock() - t0
-            yield item, out
+        try:
+            for item in ctx.open(self.upstreams[0]):
+                t0 = clock()
+                try:
+                    out = list(fn(item)) if materialize else fn(item)
+                except Exception as e:
+                    raise _wrap_error(name, e) from e
+                spent[name] += clock() - t0
+                yield item, out
+        finally:
+            teardown = getattr(fn, "teardown", None)
+            if callable(teardown):
+                teardown()
 
     def _iterate(self, ctx):
         for _, out in self._calls(ctx):

@@ -24,7 +24,12 @@ class Gather(enum.Enum):
 
 
 class RecordSampled(Map):
-    """Counts sampled env steps and finished episodes into the plan's state; passes batches on."""
+    """Counts sampled env steps and finished episodes into the plan's state, and hands each
+    batch to `output` (a dataset writer: `write(batch)`, `close()`) when there is one; passes
+    batches on."""
+
+    def __init__(self, output=None):
+        self.output = output
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
@@ -34,12 +39,19 @@ class RecordSampled(Map):
         episodes = batch.episodes
         self.ctx.counters["num_episodes"] += len(episodes)
         self.ctx.episodes.extend(episodes)
+        if self.output is not None:
+            self.output.write(batch)
         return batch
+
+    def teardown(self) -> None:
+        if self.output is not None:
+            self.output.close()  # the rows still buffered become a file
 
 
 def ParallelRollouts(workers: WorkerSet, gather: Gather = Gather.SYNC, max_in_flight: int = 2) -> Stream[SampleBatch]:
     """A stream of SampleBatches sampled by the workers (the local worker when there are no
-    remote ones), recorded in the plan's counters.
+    remote ones), recorded in the plan's counters, and written to `workers.output` when the
+    WorkerSet has one (a `flowrl.connectors.DatasetWriter`, set by `config: {output: DIR}`).
 
     >>> from flowrl.plan import Plan
     >>> workers = WorkerSet(env="CartPole-v1", num_envs_per_worker=2, rollout_fragment_length=8, seed=0)
@@ -56,7 +68,7 @@ def ParallelRollouts(workers: WorkerSet, gather: Gather = Gather.SYNC, max_in_fl
     else:
         source = from_actors(workers.remote_workers, "sample", max_in_flight=max_in_flight,
                              name="ParallelRollouts")
-    return source.then(RecordSampled())
+    return source.then(RecordSampled(workers.output))
 
 
 class ConcatBatches(FlatMap):

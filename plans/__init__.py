@@ -1,7 +1,9 @@
 """flowrl.plans: built-in plans. Each is a config dataclass plus a plan-building function
 `build(workers, config) -> Plan`; users name one ("PPO") or give their own as
 "package.module:function" (its config is then `CommonConfig` unless the function has a
-`config_class` attribute)."""
+`config_class` attribute). Offline plans (BC, MARWIL) train from `config.input`; for them the
+env is optional (used for evaluation), and `check_input(config, env_spaces)` vets the dataset
+before a run starts."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Callable
 from flowrl.config import CommonConfig
 from flowrl.plans.a2c import A2CConfig, build_a2c_plan
 from flowrl.plans.appo import APPOConfig, build_appo_plan
+from flowrl.plans.marwil import BCConfig, MARWILConfig, build_bc_plan, build_marwil_plan, check_input
 from flowrl.plans.ppo import PPOConfig, build_ppo_plan
 from flowrl.policy import resolve_class
 
@@ -20,12 +23,15 @@ class PlanSpec:
     name: str
     config_class: type
     build: Callable
+    check_input: Callable | None = None  # offline plans: vets config.input, returns the spaces
 
 
 BUILTIN_PLANS = {
     "PPO": PlanSpec("PPO", PPOConfig, build_ppo_plan),
     "A2C": PlanSpec("A2C", A2CConfig, build_a2c_plan),
     "APPO": PlanSpec("APPO", APPOConfig, build_appo_plan),
+    "BC": PlanSpec("BC", BCConfig, build_bc_plan, check_input),
+    "MARWIL": PlanSpec("MARWIL", MARWILConfig, build_marwil_plan, check_input),
 }
 
 
@@ -47,5 +53,6 @@ def resolve_plan(name: str) -> PlanSpec:
     return PlanSpec(name, getattr(build, "config_class", CommonConfig), build)
 
 
-__all__ = ["BUILTIN_PLANS", "PlanSpec", "resolve_plan", "PPOConfig", "A2CConfig", "APPOConfig",
-           "build_ppo_plan", "build_a2c_plan", "build_appo_plan"]
+__all__ = ["BUILTIN_PLANS", "PlanSpec", "resolve_plan", "PPOConfig", "A2CConfig", "APPOConfig", "BCConfig",
+           "MARWILConfig", "build_ppo_plan", "build_a2c_plan", "build_appo_plan", "build_bc_plan",
+           "build_marwil_plan"]

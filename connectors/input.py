@@ -1,0 +1,512 @@
+"""Input connectors: stream an offline dataset as shuffled SampleBatches with bounded memory.
+
+`Dataset.open(spec)` takes a file, a directory, a glob, a list of those, or `minari:DATASET_ID`.
+Formats: Parquet and Arrow IPC (flowrl's output, or any table with these columns), RLlib's
+JSON output (one SampleBatch per line, columns possibly packed), and Minari datasets. Opening
+checks every file's footer and the columns; bad input raises `DatasetError`, one line naming
+the file and the column.
+
+Reading goes chunk by chunk (a Parquet row group, an IPC record batch, a block of JSON lines,
+a group of Minari episodes), in a random chunk order each epoch, through a shuffle buffer of
+`shuffle_buffer_size` rows: memory stays at the buffer plus one chunk, however large the
+dataset. On a Ray executor Parquet datasets are read through Ray Data instead, in parallel
+across the cluster.
+
+>>> import tempfile, numpy as np
+>>> from flowrl.connectors.output import DatasetWriter
+>>> from flowrl.sample_batch import SampleBatch
+>>> path = tempfile.mkdtemp()
+>>> with DatasetWriter(path) as w:
+...     w.write(SampleBatch({"obs": np.arange(10.0)[:, None], "actions": np.arange(10)}))
+>>> data = Dataset.open(path)
+>>> data.num_rows, data.columns
+(10, ['obs', 'actions'])
+>>> batches = list(data.batches(["actions"], batch_size=4, shuffle_buffer_size=6, seed=0, num_epochs=1))
+>>> [len(b) for b in batches], sorted(np.concatenate([b["actions"] for b in batches]).tolist()) == list(range(10))
+([4, 4, 2], True)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from flowrl.sample_batch import SPACES_KEY, SampleBatch
+from flowrl.spaces import decode_spaces
+
+EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+              ".json": "json", ".jsonl": "json"}
+JSON_BLOCK_LINES = 64  # RLlib lines hold a whole fragment each (hundreds of rows)
+MINARI_BLOCK_EPISODES = 32
+SHUFFLE_BLOCK_ROWS = 8192
+
+
+class DatasetError(ValueError):
+    """Bad offline input: one line naming the path (file) and the column."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The unit read at once: a row group, an IPC record batch, a block of JSON lines, or a
+    group of Minari episodes."""
+    file: str
+    index: int
+    num_rows: int | None  # unknown for JSON blocks until read
+
+
+# ---- finding files -------------------------------------------------------------------------------
+def _is_data_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith((".", "_")) and os.path.splitext(name)[1].lower() in EXTENSIONS
+
+
+def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The data files a path, directory, glob or list of those names, in a stable order."""
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not items:
+        raise DatasetError("input: an empty list names no dataset")
+    files: list[str] = []
+    for item in items:
+        item = os.fspath(item)
+        if glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and _is_data_file(p))
+            if not matches:
+                raise DatasetError(f"{item}: no data files match this pattern")
+            files.extend(matches)
+        elif os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and _is_data_file(str(p)))
+            if not found:
+                raise DatasetError(f"{item}: an empty dataset (no {', '.join(sorted(set(EXTENSIONS)))} files)")
+            files.extend(found)
+        elif os.path.isfile(item):
+            if os.path.splitext(item)[1].lower() not in EXTENSIONS:
+                raise DatasetError(f"{item}: unknown dataset format (expected {', '.join(sorted(EXTENSIONS))})")
+            files.append(item)
+        else:
+            raise DatasetError(f"{item}: no such file or directory")
+    return files
+
+
+def _format_of(files: list[str]) -> str:
+    formats = {EXTENSIONS[os.path.splitext(f)[1].lower()] for f in files}
+    if len(formats) > 1:
+        raise DatasetError(f"{files[0]}: one dataset mixes formats ({', '.join(sorted(formats))})")
+    return formats.pop()
+
+
+# ---- formats -------------------------------------------------------------------------------------
+class _Parquet:
+    def __init__(self, files: list[str]):
+        self.files = files
+        self._open: tuple[str, pq.ParquetFile] | None = None
+        self.schema = None
+        self.chunks: list[Chunk] = []
+        for f in files:
+            try:
+                meta = pq.read_metadata(f)
+                schema = pq.read_schema(f)
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetError(f"{f}: not a readable Parquet file (truncated or corrupt?): {_short(e)}") from None
+            self._check_schema(f, schema)
+            self.chunks.extend(Chunk(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+
+    def _check_schema(self, f: str, schema: pa.Schema) -> None:
+        if self.schema is None:
+            self.schema = schema
+            self.first = f
+            return
+        for field in self.schema:
+            other = schema.field(field.name) if field.name in schema.names else None
+            if other is None:
+                raise DatasetError(f"{f}: missing column {field.name!r} (present in {self.first})")
+            if other.type != field.type:
+                raise DatasetError(f"{f}: column {field.name!r} is {other.type}, but {field.type} in {self.first}")
+
+    def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
+        if self._open is None or self._open[0] != chunk.file:
+            self._open = (chunk.file, pq.ParquetFile(chunk.file, memory_map=True))
+        return self._open[1].read_row_group(chunk.index, columns=columns)
+
+
+class _ArrowIPC(_Parquet):
+    def __init__(self, files: list[str]):
+        self.files = files
+        self.schema = None
+        self.chunks = []
+        self._open = None
+        for f in files:
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(f))
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetError(f"{f}: not a readable Arrow IPC file (truncated or corrupt?): {_short(e)}") from None
+            self._check_schema(f, reader.schema)
+            # Record batch lengths sit in each batch's header; reading one is a memory-mapped view.
+            self.chunks.extend(Chunk(f, i, reader.get_batch(i).num_rows) for i in range(reader.num_record_batches))
+
+    def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
+        if self._open is None or self._open[0] != chunk.file:
+            self._open = (chunk.file, pa.ipc.open_file(pa.memory_map(chunk.file)))
+        rb = self._open[1].get_batch(chunk.index)
+        return pa.Table.from_batches([rb.select(columns) if columns is not None else rb])
+
+
+class _RLlibJSON:
+    """RLlib's JsonWriter output: one SampleBatch (or single-policy MultiAgentBatch) per line.
+    Columns RLlib packed (base64 of lz4 of a pickle) are read without unpickling."""
+
+    RENAMES = {"dones": "terminateds"}
+    SKIP = {"type", "count", "infos", "policy_batches", "_is_training", "zero_padded", "_max_seq_len",
+            "seq_lens", "state_in_0", "state_out_0"}
+
+    def __init__(self, files: list[str]):
+        self.files = files
+        self.chunks = []
+        for f in files:
+            lines = self._count_lines(f)
+            self.chunks.extend(Chunk(f, i, None) for i in range(0, lines, JSON_BLOCK_LINES))
+        if not self.chunks:
+            raise DatasetError(f"{files[0]}: an empty dataset (no lines)")
+        self.schema = self.read(self.chunks[0], None).schema
+
+    @staticmethod
+    def _count_lines(f: str) -> int:
+        with open(f, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    def _row_block(self, f: str, lineno: int, record: dict) -> dict[str, np.ndarray]:
+        from flowrl.connectors.safe_unpack import UnsafePickleError, unpack_column
+
+        if record.get("type") == "MultiAgentBatch":
+            policies = record.get("policy_batches") or {}
+            if len(policies) != 1:
+                raise DatasetError(f"{f}: line {lineno}: a MultiAgentBatch with {len(policies)} policies; "
+                                   "flowrl reads single-policy data")
+            record = next(iter(policies.values()))
+        out = {}
+        for key, value in record.items():
+            if key in self.SKIP:
+                continue
+            name = self.RENAMES.get(key, key)
+            try:
+                arr = unpack_column(value) if isinstance(value, str) else np.asarray(value)
+            except UnsafePickleError as e:
+                raise DatasetError(f"{f}: line {lineno}: column {key!r}: {e}") from None
+            except ValueError:
+                raise DatasetError(f"{f}: line {lineno}: column {key!r}: ragged values") from None
+            if arr.dtype == object or arr.dtype.kind not in "biuf":
+                continue  # infos and other non-numeric extras
+            if arr.dtype == np.float64 and name != "rewards":
+                arr = arr.astype(np.float32)
+            out[name] = arr
+        return out
+
+    def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
+        blocks = []
+        with open(chunk.file) as fh:
+            lines = (line for line in fh if line.strip())
+            for lineno, line in enumerate(lines, 1):
+                if lineno <= chunk.index:
+                    continue
+                if lineno > chunk.index + JSON_BLOCK_LINES:
+                    break
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{chunk.file}: line {lineno}: not JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DatasetError(f"{chunk.file}: line {lineno}: expected a JSON object (a SampleBatch)")
+                blocks.append(self._row_block(chunk.file, lineno, record))
+        names = list(blocks[0]) if blocks else []
+        try:
+            columns_out = {n: np.concatenate([b[n] for b in blocks]) for n in names}
+            batch = SampleBatch(columns_out)
+        except (KeyError, ValueError) as e:
+            raise DatasetError(f"{chunk.file}: lines {chunk.index + 1}-{chunk.index + len(blocks)}: "
+                               f"inconsistent columns ({e})") from None
+        table = pa.Table.from_batches([batch.to_arrow()])
+        return table.select(columns) if columns is not None else table
+
+
+class _Minari:
+    """A Minari dataset (`minari:DATASET_ID`), episode by episode: obs are the observations
+    without the last, new_obs without the first."""
+
+    def __init__(self, dataset_id: str):
+        try:
+            import minari
+        except ImportError:
+            raise DatasetError(f"minari:{dataset_id}: reading Minari datasets needs the minari package "
+                               "(pip install 'flowrl[minari]')") from None
+        try:
+            self.dataset = minari.load_dataset(dataset_id)
+        except Exception as e:  # minari raises several types for unknown ids
+            raise DatasetError(f"minari:{dataset_id}: cannot load ({type(e).__name__}: {_short(e)})") from None
+        self.files = [f"minari:{dataset_id}"]
+        ids = sorted(int(i) for i in self.dataset.episode_indices)
+        self.episode_ids = ids
+        self.chunks = [Chunk(self.files[0], i, None) for i in range(0, len(ids), MINARI_BLOCK_EPISODES)]
+        if not self.chunks:
+            raise DatasetError(f"minari:{dataset_id}: an empty dataset (no episodes)")
+        self.spaces = {"obs": self.dataset.observation_space, "new_obs": self.dataset.observation_space,
+                       "actions": self.dataset.action_space}
+        self.schema = self.read(self.chunks[0], None).schema
+
+    def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
+        from flowrl.policy import obs_to_array
+
+        space = self.dataset.observation_space
+        parts = []
+        for episode in self.dataset.iterate_episodes(self.episode_ids[chunk.index:chunk.index + MINARI_BLOCK_EPISODES]):
+            obs = obs_to_array(space, episode.observations)
+            n = len(episode.actions)
+            parts.append({"eps_id": np.full(n, int(episode.id), np.int64), "t": np.arange(n, dtype=np.int64),
+                          "obs": obs[:-1], "new_obs": obs[1:], "actions": np.asarray(episode.actions),
+                          "rewards": np.asarray(episode.rewards, np.float32),
+                          "terminateds": np.asarray(episode.terminations, bool),
+                          "truncateds": np.asarray(episode.truncations, bool)})
+        columns_out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        table = pa.Table.from_batches([SampleBatch(columns_out, self.spaces).to_arrow()])
+        return table.select(columns) if columns is not None else table
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+# ---- the dataset ---------------------------------------------------------------------------------
+class Dataset:
+    """An opened offline dataset: its files, format, schema, spaces and chunks."""
+
+    def __init__(self, source, format: str, where: str):
+        self.source = source
+        self.format = format
+        self.where = where  # how errors name the dataset
+        self.files: list[str] = source.files
+        self.chunks: list[Chunk] = source.chunks
+        self.schema: pa.Schema = source.schema
+        self.spaces: dict[str, gym.Space] = getattr(source, "spaces", None) or _schema_spaces(self.schema, where)
+
+    @classmethod
+    def open(cls, spec: Any) -> "Dataset":
+        if isinstance(spec, str) and spec.startswith("minari:"):
+            return cls(_Minari(spec[len("minari:"):]), "minari", spec)
+        files = resolve_files(spec)
+        fmt = _format_of(files)
+        source = {"parquet": _Parquet, "arrow": _ArrowIPC, "json": _RLlibJSON}[fmt](files)
+        where = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else files[0]
+        data = cls(source, fmt, where)
+        if data.num_rows == 0:
+            raise DatasetError(f"{where}: an empty dataset (0 rows)")
+        return data
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    @property
+    def num_rows(self) -> int | None:
+        """Rows in the dataset, when the format records it (Parquet, Arrow)."""
+        if any(c.num_rows is None for c in self.chunks):
+            return None
+        return sum(c.num_rows for c in self.chunks)
+
+    def column_shape(self, name: str) -> tuple[int, ...]:
+        """The per-row shape of a column: () for scalars."""
+        t = self.schema.field(name).type
+        if isinstance(t, pa.FixedShapeTensorType):
+            return tuple(t.shape)
+        shape = []
+        while pa.types.is_fixed_size_list(t):
+            shape.append(t.list_size)
+            t = t.value_type
+        return tuple(shape)
+
+    def check(self, required: Sequence[str], spaces: dict[str, gym.Space] | None = None) -> None:
+        """DatasetError unless the dataset has `required` columns whose shapes fit `spaces`
+        (default: the dataset's own)."""
+        missing = [c for c in required if c not in self.schema.names]
+        if missing:
+            raise DatasetError(f"{self.where}: missing column{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(map(repr, missing))} (the dataset has: {', '.join(self.columns)})")
+        for name, space in (spaces or self.spaces).items():
+            if name not in self.schema.names:
+                continue
+            expected = expected_shape(name, space)
+            if expected is not None and self.column_shape(name) != expected:
+                raise DatasetError(f"{self.where}: column {name!r} has rows of shape {self.column_shape(name)}, "
+                                   f"but the space {space} needs {expected}")
+
+    def read(self, chunk: Chunk, columns: list[str] | None = None) -> pa.Table:
+        try:
+            return self.source.read(chunk, columns)
+        except DatasetError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as e:
+            where = f"{chunk.file}: row group {chunk.index}" if self.format == "parquet" else chunk.file
+            raise DatasetError(f"{where}: cannot be read (truncated or corrupt?): {_short(e)}") from None
+
+    def scan(self, columns: list[str] | None = None, rng: np.random.Generator | None = None) -> Iterator[dict]:
+        """Each chunk once, as numpy columns; in a random chunk order when `rng` is given. The
+        next chunk is read in a background thread while this one is used (Arrow decodes without
+        the GIL), so reading overlaps with whatever the consumer does."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = list(rng.permutation(len(self.chunks))) if rng is not None else list(range(len(self.chunks)))
+        if not order:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="flowrl:dataset-read")
+        try:
+            future = pool.submit(self._read_columns, self.chunks[order[0]], columns)
+            for i in range(len(order)):
+                cols = future.result()
+                if i + 1 < len(order):
+                    future = pool.submit(self._read_columns, self.chunks[order[i + 1]], columns)
+                if cols is not None:
+                    yield cols
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_columns(self, chunk: Chunk, columns: list[str] | None) -> dict[str, np.ndarray] | None:
+        table = self.read(chunk, columns)
+        if table.num_rows == 0:
+            return None
+        try:
+            return SampleBatch.from_arrow(table).to_numpy()
+        except ValueError as e:
+            raise DatasetError(f"{chunk.file}: {e}") from None
+
+    def batches(self, columns: Sequence[str], batch_size: int, shuffle_buffer_size: int = 50_000,
+                seed: int | None = None, num_epochs: int | None = None) -> Iterator[SampleBatch]:
+        """SampleBatches of `batch_size` rows of `columns`, shuffled through a buffer of
+        `shuffle_buffer_size` rows, for `num_epochs` passes (None: forever)."""
+        rng = np.random.default_rng(seed)
+        columns = list(columns)
+        spaces = {k: v for k, v in self.spaces.items() if k in columns}
+
+        def chunks():
+            epoch = 0
+            while num_epochs is None or epoch < num_epochs:
+                yield from self.scan(columns, rng)
+                epoch += 1
+
+        # Rows leave the buffer in blocks of several batches (one gather per column per block),
+        # which are then cut into batches without copying: the same random rows, less overhead.
+        block = batch_size * max(1, SHUFFLE_BLOCK_ROWS // batch_size)
+        for cols in shuffled(chunks(), block, shuffle_buffer_size, rng):
+            rows = SampleBatch(cols, spaces)
+            for start in range(0, len(rows), batch_size):
+                yield rows[start:start + batch_size]
+
+
+def _schema_spaces(schema: pa.Schema, where: str) -> dict[str, gym.Space]:
+    raw = (schema.metadata or {}).get(SPACES_KEY)
+    if raw is None:
+        return {}
+    try:
+        return decode_spaces(raw)
+    except ValueError as e:
+        raise DatasetError(f"{where}: schema metadata {SPACES_KEY.decode()}: {e}") from None
+
+
+def expected_shape(name: str, space: gym.Space) -> tuple[int, ...] | None:
+    """The per-row shape a column takes in a batch: actions as the env gives them, observations
+    as the policy reads them (Box as is, everything else flattened)."""
+    from flowrl.policy import flat_obs_size
+
+    if name == "actions":
+        return () if isinstance(space, gym.spaces.Discrete) else tuple(space.shape)
+    if isinstance(space, gym.spaces.Box):
+        return tuple(space.shape)
+    try:
+        return (flat_obs_size(space),)
+    except ValueError:
+        return None
+
+
+# ---- shuffling -----------------------------------------------------------------------------------
+def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity: int,
+             rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` rows drawn from a buffer of `capacity` rows: once the buffer is
+    full, each incoming row takes the slot of a row that leaves in the next batch. Slots leave
+    in a fresh random order each time the buffer turns over, so no slot is picked twice in a
+    batch and the work per row is constant. When the input ends, the buffer drains in random
+    order (the last batch may be short).
+
+    The buffer holds whole rows (a numpy structured array seen as fixed-size raw records), so a
+    batch is one gather and one scatter of whole rows, not one per column.
+
+    >>> rng = np.random.default_rng(0)
+    >>> parts = ({"x": np.arange(i, i + 5)} for i in range(0, 20, 5))
+    >>> out = [b["x"] for b in shuffled(parts, batch_size=6, capacity=8, rng=rng)]
+    >>> [len(x) for x in out], sorted(np.concatenate(out).tolist()) == list(range(20))
+    ([6, 6, 6, 2], True)
+    """
+    if batch_size < 1 or capacity < 1:
+        raise ValueError("batch_size and shuffle buffer capacity must be >= 1")
+    buf: np.ndarray | None = None
+    dtype: np.dtype | None = None
+    filled = 0
+    perm = np.empty(0, dtype=np.int64)
+    cursor = 0
+    parts: list[np.ndarray] = []
+    pending = 0
+
+    def take(rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        nonlocal parts, pending
+        parts.append(rows)
+        pending += len(rows)
+        if pending >= batch_size:
+            yield _columns(parts, dtype)
+            parts, pending = [], 0
+
+    for cols in chunks:
+        if buf is None:
+            dtype = np.dtype([(name, v.dtype, v.shape[1:]) for name, v in cols.items()])
+            record = np.dtype((np.void, dtype.itemsize))
+            buf = np.empty(capacity, record)
+        packed = np.empty(len(next(iter(cols.values()))), dtype)
+        for name, value in cols.items():
+            packed[name] = value
+        incoming = packed.view(record)
+        n, pos = len(incoming), 0
+        if filled < capacity:
+            k = min(capacity - filled, n)
+            buf[filled:filled + k] = incoming[:k]
+            filled += k
+            pos = k
+        while pos < n:
+            if cursor >= len(perm):  # the buffer turned over: a new eviction order
+                perm, cursor = rng.permutation(capacity), 0
+            k = min(batch_size - pending, n - pos, capacity - cursor)
+            slots = perm[cursor:cursor + k]
+            cursor += k
+            leaving = np.take(buf, slots)
+            buf[slots] = incoming[pos:pos + k]
+            pos += k
+            yield from take(leaving)
+    if buf is None:
+        return
+    order = rng.permutation(filled)
+    i = 0
+    while i < filled:
+        k = min(batch_size - pending, filled - i)
+        yield from take(np.take(buf, order[i:i + k]))
+        i += k
+    if pending:
+        yield _columns(parts, dtype)
+
+
+def _columns(parts: list[np.ndarray], dtype: np.dtype) -> dict[str, np.ndarray]:
+    rows = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(dtype)
+    return {name: np.ascontiguousarray(rows[name]) for name in dtype.names}

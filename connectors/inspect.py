@@ -1,0 +1,80 @@
+"""`flowrl dataset inspect`: what a dataset holds, without loading it whole.
+
+>>> import tempfile, numpy as np
+>>> from flowrl.connectors import Dataset, DatasetWriter
+>>> from flowrl.sample_batch import SampleBatch
+>>> path = tempfile.mkdtemp()
+>>> with DatasetWriter(path) as w:
+...     w.write(SampleBatch({"eps_id": np.array([1, 1, 2]), "rewards": np.array([1.0, 2.0, 5.0], np.float32),
+...                          "terminateds": np.array([False, True, False]), "truncateds": np.zeros(3, bool)}))
+>>> info = inspect_dataset(Dataset.open(path))
+>>> info["rows"], info["episodes"]["total"], info["episodes"]["complete"], info["episodes"]["return_mean"]
+(3, 2, 1, 3.0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flowrl.connectors.input import Dataset
+
+
+def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
+    """Schema, spaces, files, rows; and, when the columns allow, episodes with the return and
+    length statistics of those that end in the dataset (terminated or truncated)."""
+    columns = {}
+    for field in dataset.schema:
+        shape = dataset.column_shape(field.name)
+        t = field.type
+        dtype = str(t.value_type) if hasattr(t, "value_type") and shape else str(t)
+        columns[field.name] = {"type": dtype, "shape": list(shape)}
+    info: dict[str, Any] = {
+        "path": dataset.where, "format": dataset.format, "files": len(dataset.files),
+        "chunks": len(dataset.chunks), "rows": 0, "columns": columns,
+        "spaces": {k: str(v) for k, v in dataset.spaces.items()},
+    }
+    wanted = [c for c in ("eps_id", "rewards", "terminateds", "truncateds") if c in dataset.columns]
+    parts = list(dataset.scan(wanted or [dataset.columns[0]]))
+    info["rows"] = int(sum(len(next(iter(p.values()))) for p in parts))
+    if "eps_id" not in wanted:
+        return info
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in wanted}
+    ids, episode = np.unique(cols["eps_id"], return_inverse=True)
+    episodes: dict[str, Any] = {"total": len(ids)}
+    lengths = np.bincount(episode, minlength=len(ids))
+    ended = np.zeros(len(ids), dtype=bool)
+    for flag in ("terminateds", "truncateds"):
+        if flag in cols:
+            ended[episode[cols[flag]]] = True
+    episodes["complete"] = int(ended.sum())
+    if "rewards" in cols and ended.any():
+        returns = np.bincount(episode, cols["rewards"].astype(np.float64), minlength=len(ids))[ended]
+        episodes.update(return_mean=float(returns.mean()), return_std=float(returns.std()),
+                        return_min=float(returns.min()), return_max=float(returns.max()),
+                        length_mean=float(lengths[ended].mean()))
+    info["episodes"] = episodes
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [f"{info['path']}: {info['format']}, {info['files']} file(s), {info['chunks']} chunk(s), "
+             f"{info['rows']:,} rows"]
+    lines.append("columns:")
+    for name, c in info["columns"].items():
+        shape = f"[{', '.join(map(str, c['shape']))}]" if c["shape"] else "scalar"
+        lines.append(f"  {name:<14} {c['type']:<10} {shape}")
+    if info["spaces"]:
+        lines.append("spaces:")
+        for name, s in info["spaces"].items():
+            lines.append(f"  {name:<14} {s}")
+    episodes = info.get("episodes")
+    if episodes:
+        text = f"episodes: {episodes['total']:,} ({episodes['complete']:,} complete)"
+        if "return_mean" in episodes:
+            text += (f"; return mean {episodes['return_mean']:.2f} (std {episodes['return_std']:.2f}, "
+                     f"min {episodes['return_min']:.2f}, max {episodes['return_max']:.2f}); "
+                     f"length mean {episodes['length_mean']:.1f}")
+        lines.append(text)
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""MARWIL (Wang et al. 2018, "Exponentially Weighted Imitation Learning for Batched Historical
+Data") and BC, its beta = 0 case, trained from an offline dataset.
+
+Per minibatch, with R_t the discounted return-to-go in the recorded episode:
+    A_t    = R_t - V(s_t)
+    c^2   <- c^2 + rate (mean(A_t^2) - c^2)            (running scale of the advantages)
+    w_t    = exp(beta A_t / c)                          (capped at 20; 1 when beta = 0)
+    L_pi   = -E[w_t log pi(a_t|s_t)]
+    L_vf   = 1/2 E[A_t^2]                               (not trained when beta = 0)
+    L      = L_pi + c_vf L_vf
+
+`input` names the dataset; `input_fraction` < 1 fills the rest of each batch with fresh
+experience sampled by the workers (its R_t bootstrapped from V at fragment ends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+from flowrl.config import CommonConfig, ConfigError
+from flowrl.connectors import Dataset
+from flowrl.connectors.reader import DatasetInput, EpisodeReturns, complete_episodes, spaces_for
+from flowrl.operators import (ComputeAdvantages, ConcatBatches, ParallelRollouts, StandardMetricsReporting,
+                              TrainOneStep, UpdateWeights)
+from flowrl.operators.evaluation import EvaluatePolicy, OffPolicyEstimates
+from flowrl.plan import Plan
+from flowrl.rollout import WorkerSet
+from flowrl.sample_batch import SampleBatch
+from flowrl.stream import Map, zip_streams
+
+MAX_WEIGHT = 20.0
+
+
+@dataclass
+class MARWILConfig(CommonConfig):
+    input: str | list | None = None          # dataset: path, directory, glob, list, or minari:DATASET_ID
+    input_fraction: float = 1.0              # share of each batch read from input; the rest sampled live
+    input_num_epochs: int | None = None      # passes over the dataset; null repeats until a stop condition
+    shuffle_buffer_size: int = 50_000        # rows
+    beta: float = 1.0                        # 0 is behaviour cloning
+    vf_coeff: float = 1.0
+    moving_average_sqd_adv_norm_start: float = 100.0
+    moving_average_sqd_adv_norm_update_rate: float = 0.01
+    train_batch_size: int = 2048
+    sgd_minibatch_size: int | None = None    # null: the whole batch in one step
+    num_sgd_iter: int = 1
+    lr: float = 1e-3
+    grad_clip: float | None = None
+    evaluation_interval: int = 10            # iterations between greedy evaluations in `env`; 0: none
+    evaluation_num_episodes: int = 10
+    off_policy_estimation_episodes: int = 100  # recorded episodes for IS/WIS estimates; 0: none
+    off_policy_estimation_interval: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if self.input is None:
+            raise ConfigError("input", "missing: the dataset to train from (a path, glob, list, or minari:ID)")
+        if not 0 < self.input_fraction <= 1:
+            raise ConfigError("input_fraction", f"must be in (0, 1], got {self.input_fraction}")
+        if self.beta < 0:
+            raise ConfigError("beta", f"must be >= 0, got {self.beta}")
+        for key in ("train_batch_size", "shuffle_buffer_size", "num_sgd_iter", "evaluation_num_episodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("evaluation_interval", "off_policy_estimation_episodes", "off_policy_estimation_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.input_num_epochs is not None and self.input_num_epochs < 1:
+            raise ConfigError("input_num_epochs", f"must be >= 1 or null, got {self.input_num_epochs}")
+        if self.sgd_minibatch_size is not None and not 1 <= self.sgd_minibatch_size <= self.train_batch_size:
+            raise ConfigError("sgd_minibatch_size", f"must be in [1, train_batch_size], got {self.sgd_minibatch_size}")
+
+    def input_columns(self) -> list[str]:
+        """The dataset columns this plan reads."""
+        return ["obs", "actions"] + (["eps_id", "t", "rewards"] if self.beta > 0 else [])
+
+
+@dataclass
+class BCConfig(MARWILConfig):
+    beta: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta != 0:
+            raise ConfigError("beta", "BC is MARWIL with beta = 0; use the MARWIL plan for beta > 0")
+
+
+def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, state: dict):
+    dist_inputs, values = policy.model(batch["obs"])
+    logp = policy.dist(dist_inputs).log_prob(batch["actions"])
+    if config.beta == 0:
+        policy_loss = -logp.mean()
+        return policy_loss, {"total_loss": policy_loss, "policy_loss": policy_loss}
+
+    advantages = batch["value_targets"] - values
+    adv = advantages.detach()
+    state["sqd_adv_norm"] += config.moving_average_sqd_adv_norm_update_rate * (
+        float((adv ** 2).mean()) - state["sqd_adv_norm"])
+    weights = torch.exp(config.beta * adv / (1e-8 + state["sqd_adv_norm"] ** 0.5)).clamp(max=MAX_WEIGHT)
+    policy_loss = -(weights * logp).mean()
+    vf_loss = 0.5 * (advantages ** 2).mean()
+
+    total_loss = policy_loss + config.vf_coeff * vf_loss
+    return total_loss, {"total_loss": total_loss, "policy_loss": policy_loss, "vf_loss": vf_loss,
+                        "mean_weight": weights.mean()}
+
+
+class AddReturnsToGo(Map):
+    """Adds `value_targets`: each row's discounted return-to-go in its recorded episode."""
+
+    def __init__(self, returns: EpisodeReturns):
+        self.returns = returns
+
+    def __call__(self, batch: SampleBatch) -> SampleBatch:
+        return batch.with_columns(value_targets=self.returns.lookup(batch["eps_id"], batch["t"]))
+
+
+def _mix(columns: list[str]):
+    def mix(parts: dict[str, SampleBatch]) -> SampleBatch:
+        return SampleBatch.concat([parts["input"].select(columns), parts["fresh"].select(columns)])
+    return mix
+
+
+def check_input(config: MARWILConfig, env_spaces: dict[str, gym.Space] | None) -> dict[str, gym.Space]:
+    """Opens the dataset and checks its columns and shapes before anything runs (DatasetError
+    naming the file and column); returns the spaces to train with."""
+    dataset = Dataset.open(config.input)
+    dataset.check(config.input_columns())
+    if env_spaces is None and config.input_fraction < 1:
+        raise ConfigError("input_fraction", "< 1 mixes in live sampling, which needs an env")
+    if env_spaces is None and config.num_workers > 0:
+        raise ConfigError("num_workers", "rollout workers need an env; without one, use num_workers: 0")
+    return spaces_for(dataset, env_spaces)
+
+
+def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
+    dataset = Dataset.open(config.input)
+    state = {"sqd_adv_norm": config.moving_average_sqd_adv_norm_start}
+    input_rows = max(1, round(config.train_batch_size * config.input_fraction))
+    data = DatasetInput(dataset, config.input_columns(), batch_size=input_rows,
+                        shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed,
+                        num_epochs=config.input_num_epochs)
+    train_columns = ["obs", "actions"]
+    if config.beta > 0:
+        data = data.then(AddReturnsToGo(EpisodeReturns.from_dataset(dataset, config.gamma)))
+        train_columns.append("value_targets")
+    if input_rows < config.train_batch_size:
+        fresh = (ParallelRollouts(workers)
+                 .then(ConcatBatches(config.train_batch_size - input_rows))
+                 .then(ComputeAdvantages(config.gamma, lam=1.0)))  # value_targets: bootstrapped returns
+        data = zip_streams(input=data, fresh=fresh, name="MixInput").map(_mix(train_columns), name="MixInput.concat")
+
+    def loss(policy, batch):
+        return marwil_loss(policy, batch, config, state)
+
+    train = data.then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
+                                   seed=config.seed))
+    if workers.num_remote_workers:
+        train = train.then(UpdateWeights(workers))
+    env = workers.worker_kwargs.get("env")
+    if env is not None and config.evaluation_interval:
+        train = train.then(EvaluatePolicy(workers, env, workers.worker_kwargs.get("env_config"),
+                                          config.evaluation_num_episodes, config.evaluation_interval))
+    if config.off_policy_estimation_episodes and config.off_policy_estimation_interval \
+            and "action_logp" in dataset.columns:
+        episodes = complete_episodes(dataset, ["obs", "actions", "rewards", "action_logp"],
+                                     config.off_policy_estimation_episodes)
+        if len(episodes["eps_id"]):
+            train = train.then(OffPolicyEstimates(workers, episodes, config.gamma,
+                                                  config.off_policy_estimation_interval))
+    return Plan(train, report=StandardMetricsReporting(), min_time_s=config.min_time_s_per_iteration,
+                name="MARWIL" if config.beta > 0 else "BC", state=state)
+
+
+build_marwil_plan.config_class = MARWILConfig
+
+
+def build_bc_plan(workers: WorkerSet, config: BCConfig) -> Plan:
+    return build_marwil_plan(workers, config)
+
+
+build_bc_plan.config_class = BCConfig
