@@ -50,6 +50,7 @@ EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feat
 JSON_BLOCK_LINES = 64  # RLlib lines hold a whole fragment each (hundreds of rows)
 MINARI_BLOCK_EPISODES = 32
 SHUFFLE_BLOCK_ROWS = 8192
+READ_AHEAD = 2  # chunks being read while one is used
 
 
 class DatasetError(ValueError):
@@ -106,20 +107,10 @@ def _format_of(files: list[str]) -> str:
 
 
 # ---- formats -------------------------------------------------------------------------------------
-class _Parquet:
-    def __init__(self, files: list[str]):
-        self.files = files
-        self._open: tuple[str, pq.ParquetFile] | None = None
-        self.schema = None
-        self.chunks: list[Chunk] = []
-        for f in files:
-            try:
-                meta = pq.read_metadata(f)
-                schema = pq.read_schema(f)
-            except (pa.ArrowException, OSError) as e:
-                raise DatasetError(f"{f}: not a readable Parquet file (truncated or corrupt?): {_short(e)}") from None
-            self._check_schema(f, schema)
-            self.chunks.extend(Chunk(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+class _Files:
+    """A format whose files share one schema, checked file by file."""
+
+    schema: pa.Schema | None = None
 
     def _check_schema(self, f: str, schema: pa.Schema) -> None:
         if self.schema is None:
@@ -133,13 +124,43 @@ class _Parquet:
             if other.type != field.type:
                 raise DatasetError(f"{f}: column {field.name!r} is {other.type}, but {field.type} in {self.first}")
 
+
+class _Parquet(_Files):
+    read_threads = 2
+
+    def __init__(self, files: list[str]):
+        self.files = files
+        self.schema = None
+        self.chunks: list[Chunk] = []
+        for f in files:
+            try:
+                meta = pq.read_metadata(f)
+                schema = pq.read_schema(f)
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetError(f"{f}: not a readable Parquet file (truncated or corrupt?): {_short(e)}") from None
+            self._check_schema(f, schema)
+            self.chunks.extend(Chunk(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+        self._format = pads.ParquetFileFormat()
+        # Reading a row group's column chunks one by one rather than all at once keeps the
+        # compressed and decoded copies of a row group from being in memory together.
+        self._options = pads.ParquetFragmentScanOptions(pre_buffer=False)
+        self._fragments: dict[Chunk, pads.Fragment] = {}
+
     def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
-        if self._open is None or self._open[0] != chunk.file:
-            self._open = (chunk.file, pq.ParquetFile(chunk.file, memory_map=True))
-        return self._open[1].read_row_group(chunk.index, columns=columns)
+        # A pyarrow.dataset fragment of one row group: safe to read from several threads.
+        fragment = self._fragments.get(chunk)
+        if fragment is None:
+            import pyarrow.fs
+
+            fragment = self._format.make_fragment(os.path.abspath(chunk.file), pyarrow.fs.LocalFileSystem(),
+                                                  row_groups=[chunk.index])
+            self._fragments[chunk] = fragment
+        return fragment.to_table(columns=columns, fragment_scan_options=self._options)
 
 
-class _ArrowIPC(_Parquet):
+class _ArrowIPC(_Files):
+    read_threads = 1  # reads are memory-mapped views: nothing to decode
+
     def __init__(self, files: list[str]):
         self.files = files
         self.schema = None
@@ -357,34 +378,30 @@ class Dataset:
             raise DatasetError(f"{where}: cannot be read (truncated or corrupt?): {_short(e)}") from None
 
     def scan(self, columns: list[str] | None = None, rng: np.random.Generator | None = None) -> Iterator[dict]:
-        """Each chunk once, as numpy columns; in a random chunk order when `rng` is given. The
-        next chunk is read in a background thread while this one is used (Arrow decodes without
-        the GIL), so reading overlaps with whatever the consumer does."""
+        """Each chunk once, as numpy columns; in a random chunk order when `rng` is given. Up to
+        READ_AHEAD chunks are read ahead of the consumer in background threads (Arrow decodes
+        without the GIL), so decoding overlaps with whatever the consumer does."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = list(rng.permutation(len(self.chunks))) if rng is not None else list(range(len(self.chunks)))
-        if not order:
+        order = rng.permutation(len(self.chunks)) if rng is not None else range(len(self.chunks))
+        chunks = [self.chunks[i] for i in order]
+        if not chunks:
             return
-        pool = ThreadPoolExecutor(1, thread_name_prefix="flowrl:dataset-read")
+        pool = ThreadPoolExecutor(getattr(self.source, "read_threads", 1), thread_name_prefix="flowrl:dataset-read")
         try:
-            future = pool.submit(self._read_columns, self.chunks[order[0]], columns)
-            for i in range(len(order)):
-                cols = future.result()
-                if i + 1 < len(order):
-                    future = pool.submit(self._read_columns, self.chunks[order[i + 1]], columns)
-                if cols is not None:
-                    yield cols
+            futures = [pool.submit(self.read, c, columns) for c in chunks[:READ_AHEAD]]
+            for i, chunk in enumerate(chunks):
+                table = futures.pop(0).result()
+                if i + READ_AHEAD < len(chunks):
+                    futures.append(pool.submit(self.read, chunks[i + READ_AHEAD], columns))
+                if table.num_rows == 0:
+                    continue
+                try:
+                    yield SampleBatch.from_arrow(table).to_numpy()
+                except ValueError as e:
+                    raise DatasetError(f"{chunk.file}: {e}") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def _read_columns(self, chunk: Chunk, columns: list[str] | None) -> dict[str, np.ndarray] | None:
-        table = self.read(chunk, columns)
-        if table.num_rows == 0:
-            return None
-        try:
-            return SampleBatch.from_arrow(table).to_numpy()
-        except ValueError as e:
-            raise DatasetError(f"{chunk.file}: {e}") from None
 
     def batches(self, columns: Sequence[str], batch_size: int, shuffle_buffer_size: int = 50_000,
                 seed: int | None = None, num_epochs: int | None = None) -> Iterator[SampleBatch]:
@@ -437,14 +454,13 @@ def expected_shape(name: str, space: gym.Space) -> tuple[int, ...] | None:
 # ---- shuffling -----------------------------------------------------------------------------------
 def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity: int,
              rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `batch_size` rows drawn from a buffer of `capacity` rows: once the buffer is
-    full, each incoming row takes the slot of a row that leaves in the next batch. Slots leave
-    in a fresh random order each time the buffer turns over, so no slot is picked twice in a
-    batch and the work per row is constant. When the input ends, the buffer drains in random
-    order (the last batch may be short).
+    """Batches of `batch_size` rows drawn at random from a buffer of `capacity` rows.
 
-    The buffer holds whole rows (a numpy structured array seen as fixed-size raw records), so a
-    batch is one gather and one scatter of whole rows, not one per column.
+    Incoming rows are appended to the buffer. When it is full, it is permuted: a random three
+    quarters leave as batches and the other quarter stays, moved to the front, to be mixed with
+    the rows that come next (so a row may stay for several rounds, as in a reservoir). Every step is a
+    sequential copy or one gather per column, without per-row Python work. When the input ends
+    the rest of the buffer leaves in random order; the last batch may be short.
 
     >>> rng = np.random.default_rng(0)
     >>> parts = ({"x": np.arange(i, i + 5)} for i in range(0, 20, 5))
@@ -454,59 +470,45 @@ def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity:
     """
     if batch_size < 1 or capacity < 1:
         raise ValueError("batch_size and shuffle buffer capacity must be >= 1")
-    buf: np.ndarray | None = None
-    dtype: np.dtype | None = None
+    buf: dict[str, np.ndarray] | None = None
     filled = 0
-    perm = np.empty(0, dtype=np.int64)
-    cursor = 0
-    parts: list[np.ndarray] = []
+    keep = capacity // 4
+    slots = np.arange(capacity, dtype=np.int32 if capacity < 2**31 else np.int64)  # half the memory of int64
+    parts: list[dict[str, np.ndarray]] = []
     pending = 0
 
-    def take(rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    def emit(rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of the buffer rows `rows`, topping up a partial batch from before."""
         nonlocal parts, pending
-        parts.append(rows)
-        pending += len(rows)
-        if pending >= batch_size:
-            yield _columns(parts, dtype)
-            parts, pending = [], 0
+        i = 0
+        while i < len(rows):
+            k = min(batch_size - pending, len(rows) - i)
+            parts.append({name: np.take(column, rows[i:i + k], axis=0) for name, column in buf.items()})
+            pending += k
+            i += k
+            if pending == batch_size:
+                yield parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+                parts, pending = [], 0
 
     for cols in chunks:
         if buf is None:
-            dtype = np.dtype([(name, v.dtype, v.shape[1:]) for name, v in cols.items()])
-            record = np.dtype((np.void, dtype.itemsize))
-            buf = np.empty(capacity, record)
-        packed = np.empty(len(next(iter(cols.values()))), dtype)
-        for name, value in cols.items():
-            packed[name] = value
-        incoming = packed.view(record)
-        n, pos = len(incoming), 0
-        if filled < capacity:
-            k = min(capacity - filled, n)
-            buf[filled:filled + k] = incoming[:k]
-            filled += k
-            pos = k
+            buf = {name: np.empty((capacity, *v.shape[1:]), v.dtype) for name, v in cols.items()}
+        n, pos = len(next(iter(cols.values()))), 0
         while pos < n:
-            if cursor >= len(perm):  # the buffer turned over: a new eviction order
-                perm, cursor = rng.permutation(capacity), 0
-            k = min(batch_size - pending, n - pos, capacity - cursor)
-            slots = perm[cursor:cursor + k]
-            cursor += k
-            leaving = np.take(buf, slots)
-            buf[slots] = incoming[pos:pos + k]
+            k = min(capacity - filled, n - pos)
+            for name, value in cols.items():
+                buf[name][filled:filled + k] = value[pos:pos + k]
+            filled += k
             pos += k
-            yield from take(leaving)
+            if filled == capacity:
+                order = rng.permutation(slots)
+                yield from emit(order[keep:])
+                staying = order[:keep]
+                for column in buf.values():
+                    column[:keep] = np.take(column, staying, axis=0)
+                filled = keep
     if buf is None:
         return
-    order = rng.permutation(filled)
-    i = 0
-    while i < filled:
-        k = min(batch_size - pending, filled - i)
-        yield from take(np.take(buf, order[i:i + k]))
-        i += k
+    yield from emit(rng.permutation(slots[:filled]))
     if pending:
-        yield _columns(parts, dtype)
-
-
-def _columns(parts: list[np.ndarray], dtype: np.dtype) -> dict[str, np.ndarray]:
-    rows = (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(dtype)
-    return {name: np.ascontiguousarray(rows[name]) for name in dtype.names}
+        yield parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
