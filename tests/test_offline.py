@@ -67,6 +67,19 @@ def test_parquet_output_uses_rllib_names_tensor_columns_and_spaces(tmp_path):
     assert got.spaces["actions"] == gym.spaces.Discrete(2)
 
 
+def test_files_read_without_flowrl_in_plain_pyarrow_and_ray_data(tmp_path, ray_session):
+    record(tmp_path, cartpole_batches(n=1))
+    code = ("import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]); "
+            "assert not any(m.startswith('flowrl') for m in sys.modules); "
+            "print(t.num_rows, t.schema.field('obs').type.shape, t.column('actions').to_pylist()[:3])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("256 [4] [")
+    import ray.data
+
+    rows = ray.data.read_parquet(str(tmp_path)).take_batch(8, batch_format="numpy")
+    assert rows["obs"].shape == (8, 4) and rows["terminateds"].dtype == bool
+
+
 def test_arrow_ipc_output_round_trips(tmp_path):
     sampled = cartpole_batches(n=2)
     writer = record(tmp_path, sampled, format="arrow", compression="lz4", max_rows_per_file=200, row_group_size=64)
