@@ -526,9 +526,9 @@ class TrainedPolicy:
 
     def compute_action(self, obs: Any, explore: bool = False) -> Any:
         from flowrl.policy import obs_to_array
-        from flowrl.rollout import _add_batch_dim
+        from flowrl.rollout import add_batch_dim
 
-        batched = _add_batch_dim(self.policy.observation_space, obs)
+        batched = add_batch_dim(self.policy.observation_space, obs)
         out = self.policy.compute_actions(obs_to_array(self.policy.observation_space, batched), explore=explore)
         action = out.env_actions[0]
         return int(action) if np.ndim(action) == 0 else action

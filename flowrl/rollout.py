@@ -202,7 +202,7 @@ def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | 
             total, done, steps = 0.0, False, 0
             while not done:
                 steps += 1
-                action = policy.compute_actions(obs_to_array(space, _add_batch_dim(space, obs)), explore).env_actions[0]
+                action = policy.compute_actions(obs_to_array(space, add_batch_dim(space, obs)), explore).env_actions[0]
                 obs, reward, terminated, truncated, _ = e.step(int(action) if np.ndim(action) == 0 else action)
                 total += float(reward)
                 done = terminated or truncated
@@ -213,11 +213,11 @@ def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | 
     return (returns, lengths) if with_lengths else returns
 
 
-def _add_batch_dim(space: gym.Space, obs: Any) -> Any:
+def add_batch_dim(space: gym.Space, obs: Any) -> Any:
     if isinstance(space, gym.spaces.Dict):
-        return {k: _add_batch_dim(s, obs[k]) for k, s in space.spaces.items()}
+        return {k: add_batch_dim(s, obs[k]) for k, s in space.spaces.items()}
     if isinstance(space, gym.spaces.Tuple):
-        return tuple(_add_batch_dim(s, o) for s, o in zip(space.spaces, obs))
+        return tuple(add_batch_dim(s, o) for s, o in zip(space.spaces, obs))
     return np.asarray(obs)[None]
 
 
