@@ -1,6 +1,6 @@
 """Rollout throughput (env steps/s including policy inference), flowrl vs a tight loop, in one run.
 
-    python benchmarks/sampling.py [--seconds 8] [--num-envs 8] [--fragment 128]
+    python benchmarks/sampling.py [--seconds 4] [--num-envs 8] [--fragment 512]
 
 CartPole-v1 with the default MLP policy:
   (1) a tight single-process loop over the same vector env and policy (no bookkeeping),
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best of each is kept")
     parser.add_argument("--num-envs", type=int, default=8)
-    parser.add_argument("--fragment", type=int, default=128)
+    parser.add_argument("--fragment", type=int, default=512, help="rollout_fragment_length of (2) and (3)")
     args = parser.parse_args()
 
     # The machine is shared and noisy: interleave the measurements and keep each one's best.
@@ -74,7 +74,7 @@ def main() -> None:
         tight = max(tight, tight_loop(args.seconds, args.num_envs))
         local = max(local, flowrl_rate(args.seconds, "local", 0, num_envs=args.num_envs, fragment=args.fragment))
         ray2 = max(ray2, flowrl_rate(args.seconds, "ray", 2, num_envs=args.num_envs, fragment=args.fragment))
-    print(f"CartPole-v1, {args.num_envs} envs per worker, MLP policy:")
+    print(f"CartPole-v1, {args.num_envs} envs per worker, {args.fragment} steps per sample() call, MLP policy:")
     print(f"  (1) tight loop            {tight:10,.0f} steps/s")
     print(f"  (2) flowrl local          {local:10,.0f} steps/s   (2)/(1) = {local / tight:.2f} (goal >= 0.9)")
     print(f"  (3) flowrl 2 Ray workers  {ray2:10,.0f} steps/s   (3)/(1) = {ray2 / tight:.2f} (goal >= 1.5)")

@@ -91,19 +91,33 @@ class RolloutWorker:
         # Per step only what the policy and the env give; episode ids, time steps and returns
         # are worked out for all steps at once afterwards (numpy calls per step are the overhead).
         fresh: dict[str, list[np.ndarray]] = {k: [] for k in _STEP_COLUMNS}
-        obs_space = self.observation_space
+        obs_l, new_obs_l, actions_l, rewards_l, term_l, trunc_l, logp_l, vf_l = fresh.values()
+        obs_space, policy, env = self.observation_space, self.policy, self.env
+        obs = self._obs
         resetting = self._needs_reset
-        while counts.min() < T:
-            out = self.policy.compute_actions(self._obs)
-            next_obs, rewards, terminateds, truncateds, _ = self.env.step(out.env_actions)
-            next_obs = obs_to_array(obs_space, next_obs)
-            for key, value in zip(_STEP_COLUMNS, (self._obs, next_obs, out.actions, rewards, terminateds,
-                                                  truncateds, out.logp, out.values)):
-                fresh[key].append(value)
-            counts += ~resetting  # a sub-env that was done just reset: that step is no transition
-            resetting = terminateds | truncateds
-            self._obs = next_obs
-        steps = {k: np.stack(v, axis=1) for k, v in fresh.items()}  # (num_envs, num_steps, ...)
+        while (short := T - int(counts.min())) > 0:
+            # No sub-env can be done before `short` more steps: take them without counting.
+            start = len(obs_l)
+            for _ in range(short):
+                out = policy.compute_actions(obs)
+                next_obs, rewards, terminateds, truncateds, _ = env.step(out.env_actions)
+                next_obs = obs_to_array(obs_space, next_obs)
+                obs_l.append(obs)
+                new_obs_l.append(next_obs)
+                actions_l.append(out.actions)
+                rewards_l.append(rewards)
+                term_l.append(terminateds)
+                trunc_l.append(truncateds)
+                logp_l.append(out.logp)
+                vf_l.append(out.values)
+                obs = next_obs
+            # A step right after a sub-env was done is its reset, not a transition.
+            done = np.logical_or(term_l[start:], trunc_l[start:])
+            counts += short - resetting - done[:-1].sum(axis=0)
+            resetting = done[-1]
+        self._obs = obs
+        # (num_envs, num_steps, ...); np.array of a list is a few times cheaper than np.stack.
+        steps = {k: np.ascontiguousarray(np.array(v).swapaxes(0, 1)) for k, v in fresh.items()}
         episodes = self._label_steps(steps)
         if self._leftover is not None:
             steps = {k: np.concatenate([self._leftover[k], steps[k]], axis=1) for k in self._leftover}
@@ -161,8 +175,9 @@ class RolloutWorker:
         need = keep & ((truncateds & ~terminateds) | (~ends & held_last))
         if need.any():
             next_vf[need] = self.policy.value(steps["new_obs"][need])
-        columns = {k: steps[k][keep] for k in _COLUMNS}
-        columns["next_vf_preds"] = next_vf[keep]
+        rows = np.flatnonzero(keep)  # one index for every column: cheaper than a mask per column
+        columns = {k: np.take(steps[k].reshape(-1, *steps[k].shape[2:]), rows, axis=0) for k in _COLUMNS}
+        columns["next_vf_preds"] = np.take(next_vf.reshape(-1), rows)
         carry = valid & (rank >= T)
         if carry.any():
             first = int(np.flatnonzero(carry.any(axis=0))[0])

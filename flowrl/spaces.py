@@ -10,6 +10,8 @@ True
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import gymnasium as gym
@@ -103,6 +105,13 @@ def encode_spaces(spaces: dict[str, gym.Space]) -> bytes:
 
 
 def decode_spaces(data: bytes) -> dict[str, gym.Space]:
+    """The spaces in `data`. Batches received from other processes carry the same few
+    encodings over and over: each is decoded once (the dict is new, the spaces are shared)."""
+    return dict(_decode_spaces(bytes(data)))
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_spaces(data: bytes) -> dict[str, gym.Space]:
     try:
         d = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as e:
