@@ -1,6 +1,6 @@
 """SampleBatch transport costs vs the same data as a dict of numpy arrays, in one run.
 
-    python benchmarks/batch_transport.py [--mb 100] [--repeats 5]
+    python benchmarks/batch_transport.py [--mb 100] [--repeats 41]
 
 Prints ray.put+get and an actor round trip (SampleBatch / dict-of-numpy time ratio, minimum
 of interleaved repeats since the object store stalls now and then), IPC write/read in GB/s,
@@ -52,7 +52,7 @@ def best_of(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=41)
     args = parser.parse_args()
 
     columns = make_columns(args.mb)

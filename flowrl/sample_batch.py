@@ -16,6 +16,7 @@ encoded with msgpack.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -131,33 +132,76 @@ def _summary(arr: np.ndarray) -> str:
     return text + ")"
 
 
+@dataclass(frozen=True)
+class _ColumnPlan:
+    """How a column's raw values buffer becomes an Arrow array or a numpy view."""
+    extension: pa.BaseExtensionType | None  # wraps the storage array, when the type is one
+    value_type: pa.DataType             # the values' Arrow type
+    size: int                           # values per row of a tensor column, 0 for 1-D columns
+    dtype: np.dtype                     # the numpy view's dtype (bool for bool columns)
+    shape: tuple[int, ...]              # per-row shape of the numpy view
+
+
 @functools.lru_cache(maxsize=128)
-def _read_schema(schema_bytes: bytes) -> pa.Schema:
-    # Batches from one source share a schema: parse it once per process.
-    return pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+def _read_schema(schema_bytes: bytes) -> tuple[pa.Schema, tuple[_ColumnPlan, ...], dict[str, gym.Space]]:
+    """The schema, a plan per column, and the spaces. Batches from one source share a
+    schema: this runs once per schema per process."""
+    schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+    plans = []
+    for field in schema:
+        t = field.type
+        if isinstance(t, pa.FixedShapeTensorType):
+            is_bool = bool(field.metadata) and field.metadata.get(_DTYPE_KEY) == b"bool"
+            dtype = np.dtype(bool) if is_bool else np.dtype(t.value_type.to_pandas_dtype())
+            plans.append(_ColumnPlan(t, t.value_type, int(np.prod(t.shape)), dtype, tuple(t.shape)))
+        elif isinstance(t, pa.BaseExtensionType):  # bool8: one byte per value
+            plans.append(_ColumnPlan(t, t.storage_type, 0, np.dtype(bool), ()))
+        else:
+            plans.append(_ColumnPlan(None, t, 0, np.dtype(t.to_pandas_dtype()), ()))
+    meta = schema.metadata or {}
+    spaces = decode_spaces(meta[SPACES_KEY]) if SPACES_KEY in meta else {}
+    return schema, tuple(plans), spaces
 
 
-def _array_from_buffer(field_type: pa.DataType, rows: int, buf) -> pa.Array:
-    """An array of `field_type` over `buf` (the column's raw values), without copying."""
-    data = pa.py_buffer(buf)
-    if isinstance(field_type, pa.FixedShapeTensorType):
-        size = int(np.prod(field_type.shape))
-        values = pa.Array.from_buffers(field_type.value_type, rows * size, [None, data])
-        storage = pa.FixedSizeListArray.from_arrays(values, size)
-        return pa.ExtensionArray.from_storage(field_type, storage)
-    if isinstance(field_type, pa.ExtensionType):  # bool8: one byte per value
-        return pa.ExtensionArray.from_storage(field_type, pa.Array.from_buffers(field_type.storage_type, rows,
-                                                                                [None, data]))
-    return pa.Array.from_buffers(field_type, rows, [None, data])
+def _arrow_from_raw(schema: pa.Schema, plans: tuple[_ColumnPlan, ...], rows: int, buffers: list) -> pa.RecordBatch:
+    arrays = []
+    from_buffers = pa.Array.from_buffers
+    for plan, buf in zip(plans, buffers):
+        data = pa.py_buffer(buf)
+        if plan.size:  # a fixed-shape tensor: a fixed-size list over the flat values
+            storage = pa.FixedSizeListArray.from_arrays(from_buffers(plan.value_type, rows * plan.size, [None, data]),
+                                                        plan.size)
+        else:
+            storage = from_buffers(plan.value_type, rows, [None, data])
+        arrays.append(pa.ExtensionArray.from_storage(plan.extension, storage) if plan.extension is not None
+                      else storage)
+    if not arrays:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _rebuild(schema_bytes: bytes, buffers: list) -> "SampleBatch":
-    """Unpickle target: column data arrives as raw buffers (out of band under protocol 5)."""
-    schema = _read_schema(schema_bytes)
-    arrays = [_array_from_buffer(field.type, shape[0], buf) for field, (shape, _, buf) in zip(schema, buffers)]
-    rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
-        pa.RecordBatch.from_pylist([], schema=schema)
-    return SampleBatch._wrap(rb)
+def _values_buffer(array: pa.Array) -> pa.Buffer:
+    """The bytes of a column's values (a slice of its Arrow buffer when the column is a slice).
+    Columns have no nulls; bool columns are bool8 (a byte each)."""
+    if isinstance(array.type, pa.FixedShapeTensorType):
+        array = array.storage.flatten()  # the list's values, with the list's offset applied
+    elif isinstance(array.type, pa.BaseExtensionType):
+        array = array.storage
+    width = array.type.bit_width // 8
+    return array.buffers()[1].slice(array.offset * width, len(array) * width)
+
+
+def _rebuild(schema_bytes: bytes, rows: int, buffers: list) -> "SampleBatch":
+    """Unpickle target: column data arrives as raw buffers (out of band under protocol 5). The
+    batch keeps them as they are: a column read is a numpy view over its buffer, and the Arrow
+    record batch is assembled (without copying) only when an Arrow operation needs it."""
+    schema, plans, spaces = _read_schema(schema_bytes)
+    self = SampleBatch.__new__(SampleBatch)
+    self._batch, self._schema, self._num_rows = None, schema, rows
+    self._raw = (plans, buffers)
+    self._spaces = dict(spaces)
+    self._views = {}
+    return self
 
 
 def _from_ipc_bytes(data: bytes) -> "SampleBatch":
@@ -167,7 +211,9 @@ def _from_ipc_bytes(data: bytes) -> "SampleBatch":
 class SampleBatch(Mapping):
     """An immutable batch of experience; see the module docstring."""
 
-    __slots__ = ("_rb", "_spaces", "_views")
+    # _batch is the Arrow record batch; a batch unpickled from raw buffers (see _rebuild) holds
+    # them in _raw instead until an Arrow operation asks for _rb.
+    __slots__ = ("_batch", "_raw", "_schema", "_num_rows", "_spaces", "_views")
 
     def __init__(self, columns: Mapping[str, Any] | None = None,
                  spaces: Mapping[str, gym.Space] | None = None,
@@ -196,9 +242,17 @@ class SampleBatch(Mapping):
         self._init(rb, spaces)
 
     def _init(self, rb: pa.RecordBatch, spaces: dict[str, gym.Space]) -> None:
-        self._rb = rb
+        self._batch, self._raw, self._schema, self._num_rows = rb, None, rb.schema, rb.num_rows
         self._spaces = spaces
         self._views: dict[str, np.ndarray] = {}
+
+    @property
+    def _rb(self) -> pa.RecordBatch:
+        if self._batch is None:
+            plans, buffers = self._raw
+            self._batch = _arrow_from_raw(self._schema, plans, self._num_rows, buffers)
+            self._raw = None
+        return self._batch
 
     @classmethod
     def _wrap(cls, rb: pa.RecordBatch, spaces: dict[str, gym.Space] | None = None) -> "SampleBatch":
@@ -211,15 +265,15 @@ class SampleBatch(Mapping):
 
     # ---- reading -------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self._rb.num_rows
+        return self._num_rows
 
     @property
     def num_rows(self) -> int:
-        return self._rb.num_rows
+        return self._num_rows
 
     @property
     def columns(self) -> list[str]:
-        return list(self._rb.schema.names)
+        return list(self._schema.names)
 
     @property
     def spaces(self) -> dict[str, gym.Space]:
@@ -229,7 +283,7 @@ class SampleBatch(Mapping):
     def episodes(self) -> list[tuple[float, int]]:
         """(return, length) of each episode that finished while this batch was sampled. Kept by
         `with_columns` and merged by `concat`; slices and other row selections drop it."""
-        raw = (self._rb.schema.metadata or {}).get(EPISODES_KEY)
+        raw = (self._schema.metadata or {}).get(EPISODES_KEY)
         if not raw:
             return []
         try:
@@ -239,25 +293,32 @@ class SampleBatch(Mapping):
 
     @property
     def nbytes(self) -> int:
-        return self._rb.nbytes
+        if self._batch is None:
+            return sum(memoryview(buf).nbytes for buf in self._raw[1])
+        return self._batch.nbytes
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._rb.schema.names)
+        return iter(self._schema.names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._rb.schema.names
+        return name in self._schema.names
 
     def __getitem__(self, key):
         if isinstance(key, str):
             view = self._views.get(key)
             if view is None:
                 try:
-                    index = self._rb.schema.get_field_index(key)
+                    index = self._schema.get_field_index(key)
                 except KeyError:
                     index = -1
                 if index < 0:
                     raise KeyError(f"no column {key!r}; columns are {self.columns}") from None
-                view = _column_view(self._rb.column(index), self._rb.schema.field(index))
+                if self._batch is None:  # straight from the raw buffer
+                    plan = self._raw[0][index]
+                    view = np.frombuffer(self._raw[1][index], dtype=plan.dtype).reshape(self._num_rows, *plan.shape)
+                    view.flags.writeable = False
+                else:
+                    view = _column_view(self._batch.column(index), self._schema.field(index))
                 self._views[key] = view
             return view
         if isinstance(key, slice):
@@ -438,11 +499,19 @@ class SampleBatch(Mapping):
     def __reduce_ex__(self, protocol: int):
         if protocol < 5:
             return _from_ipc_bytes, (self.to_ipc().to_pybytes(),)
+        # Each column's values as raw bytes, which pickle may keep out of band; the schema says
+        # how to read them back. A numpy view made earlier is the cheapest handle on them;
+        # otherwise the Arrow buffer is sliced directly (building a view would cost more).
+        if self._batch is None:  # never assembled: send the buffers on as they came
+            return _rebuild, (self._schema.serialize().to_pybytes(), self._num_rows,
+                              [pickle.PickleBuffer(buf) for buf in self._raw[1]])
+        rb, views = self._batch, self._views
         buffers = []
-        for name in self.columns:
-            view = self[name]
-            flat = np.ascontiguousarray(view)
-            # Hand the raw storage (bool as uint8) to pickle; it may keep it out of band.
-            storage = flat.view(np.uint8) if flat.dtype == np.bool_ else flat
-            buffers.append((list(view.shape), view.dtype.str, pickle.PickleBuffer(storage.reshape(-1))))
-        return _rebuild, (self._rb.schema.serialize().to_pybytes(), buffers)
+        for name, column in zip(rb.schema.names, rb.columns):
+            view = views.get(name)
+            if view is not None and view.flags.c_contiguous:
+                raw = view.reshape(-1).view(np.uint8) if view.dtype == np.bool_ else view.reshape(-1)
+            else:
+                raw = _values_buffer(column)
+            buffers.append(pickle.PickleBuffer(raw))
+        return _rebuild, (rb.schema.serialize().to_pybytes(), rb.num_rows, buffers)

@@ -26,6 +26,25 @@ def test_pickle_round_trip_both_protocols(batch):
         assert pickle.loads(pickle.dumps(batch, protocol=protocol)) == batch
 
 
+@given(batches(min_rows=1), st.data())
+def test_pickled_slices_equal_the_slice_with_or_without_cached_views(batch, data):
+    # A slice starts at an offset into the column buffers: pickling must send only its bytes,
+    # whether the bytes come from a cached numpy view or straight from Arrow.
+    start = data.draw(st.integers(0, len(batch)))
+    stop = data.draw(st.integers(start, len(batch)))
+    piece = batch[start:stop]
+    fresh = pickle.loads(pickle.dumps(piece, protocol=5))
+    assert fresh == piece  # __eq__ made numpy views of every column of `piece`
+    assert pickle.loads(pickle.dumps(piece, protocol=5)) == piece
+    assert pickle.loads(pickle.dumps(fresh[0:len(fresh)], protocol=5)) == piece
+    # An unpickled batch keeps raw buffers until an Arrow operation needs the record batch.
+    raw = pickle.loads(pickle.dumps(piece, protocol=5))
+    assert len(raw) == len(piece) and raw.columns == piece.columns and raw.nbytes == piece.nbytes
+    assert pickle.loads(pickle.dumps(raw, protocol=5)) == piece  # passed on without assembling
+    assert SampleBatch.from_ipc(raw.to_ipc()) == piece
+    assert SampleBatch.concat([raw, piece]) == SampleBatch.concat([piece, piece])
+
+
 @given(spaces)
 def test_space_codec_round_trip(space):
     assert decode_space(encode_space(space)) == space
