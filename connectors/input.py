@@ -51,6 +51,7 @@ JSON_BLOCK_LINES = 64  # RLlib lines hold a whole fragment each (hundreds of row
 MINARI_BLOCK_EPISODES = 32
 SHUFFLE_BLOCK_ROWS = 8192
 READ_AHEAD = 2  # chunks being read while one is used
+COMPACT_ROWS = 4096
 
 
 class DatasetError(ValueError):
@@ -503,9 +504,13 @@ def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity:
             if filled == capacity:
                 order = rng.permutation(slots)
                 yield from emit(order[keep:])
-                staying = order[:keep]
-                for column in buf.values():
-                    column[:keep] = np.take(column, staying, axis=0)
+                # Move the staying rows to the front, a piece at a time (a small temporary copy):
+                # with their slots sorted, no piece overwrites a row a later piece still reads.
+                staying = np.sort(order[:keep])
+                for start in range(0, keep, COMPACT_ROWS):
+                    piece = staying[start:start + COMPACT_ROWS]
+                    for column in buf.values():
+                        column[start:start + len(piece)] = np.take(column, piece, axis=0)
                 filled = keep
     if buf is None:
         return
