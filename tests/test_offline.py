@@ -159,12 +159,12 @@ def test_shuffling_mixes_rows_and_is_seeded(tmp_path):
 
 
 def test_dataset_input_streams_on_both_executors(tmp_path, executor):
-    record(tmp_path, cartpole_batches(n=2))
-    with Plan(DatasetInput(tmp_path, ["obs", "actions"], batch_size=100, seed=0, num_epochs=1),
+    record(tmp_path, cartpole_batches(n=2), max_rows_per_file=200)  # 3 files
+    with Plan(DatasetInput(tmp_path, ["obs", "actions"], batch_size=100, seed=0, num_epochs=2),
               executor=executor) as plan:
         results = list(plan.run())
     rows = sum(len(r["output"]) for r in results)
-    assert rows == 512 and results[-1]["num_rows_read"] == 512 == results[-1]["num_env_steps_sampled"]
+    assert rows == 1024 and results[-1]["num_rows_read"] == 1024 == results[-1]["num_env_steps_sampled"]
     assert results[0]["output"].columns == ["obs", "actions"]
     assert results[0]["output"]["obs"].shape == (100, 4)
 
