@@ -194,17 +194,28 @@ class _RLlibJSON:
     def __init__(self, files: list[str]):
         self.files = files
         self.chunks = []
+        # Where each block of JSON_BLOCK_LINES lines starts (line number, byte offset), so that
+        # reading a block seeks to it instead of reading the file from the top.
+        self.starts: dict[tuple[str, int], tuple[int, int]] = {}
         for f in files:
-            lines = self._count_lines(f)
-            self.chunks.extend(Chunk(f, i, None) for i in range(0, lines, JSON_BLOCK_LINES))
+            for block, start in enumerate(self._block_starts(f)):
+                self.starts[(f, block)] = start
+                self.chunks.append(Chunk(f, block, None))
         if not self.chunks:
             raise DatasetError(f"{files[0]}: an empty dataset (no lines)")
         self.schema = self.read(self.chunks[0], None).schema
 
     @staticmethod
-    def _count_lines(f: str) -> int:
+    def _block_starts(f: str) -> list[tuple[int, int]]:
+        starts, lineno, offset = [], 0, 0
         with open(f, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
+            for line in fh:
+                if line.strip():
+                    if lineno % JSON_BLOCK_LINES == 0:
+                        starts.append((lineno, offset))
+                    lineno += 1
+                offset += len(line)
+        return starts
 
     def _row_block(self, f: str, lineno: int, record: dict) -> dict[str, np.ndarray]:
         from flowrl.connectors.safe_unpack import UnsafePickleError, unpack_column
@@ -235,17 +246,20 @@ class _RLlibJSON:
 
     def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
         blocks = []
-        with open(chunk.file) as fh:
-            lines = (line for line in fh if line.strip())
-            for lineno, line in enumerate(lines, 1):
-                if lineno <= chunk.index:
+        first, offset = self.starts[(chunk.file, chunk.index)]
+        with open(chunk.file, "rb") as fh:
+            fh.seek(offset)
+            lineno = first
+            for line in fh:
+                if not line.strip():
                     continue
-                if lineno > chunk.index + JSON_BLOCK_LINES:
+                lineno += 1
+                if len(blocks) == JSON_BLOCK_LINES:
                     break
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{chunk.file}: line {lineno}: not JSON ({e.msg})") from None
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DatasetError(f"{chunk.file}: line {lineno}: not JSON ({getattr(e, 'msg', e)})") from None
                 if not isinstance(record, dict):
                     raise DatasetError(f"{chunk.file}: line {lineno}: expected a JSON object (a SampleBatch)")
                 blocks.append(self._row_block(chunk.file, lineno, record))
@@ -254,7 +268,7 @@ class _RLlibJSON:
             columns_out = {n: np.concatenate([b[n] for b in blocks]) for n in names}
             batch = SampleBatch(columns_out)
         except (KeyError, ValueError) as e:
-            raise DatasetError(f"{chunk.file}: lines {chunk.index + 1}-{chunk.index + len(blocks)}: "
+            raise DatasetError(f"{chunk.file}: lines {first + 1}-{first + len(blocks)}: "
                                f"inconsistent columns ({e})") from None
         table = pa.Table.from_batches([batch.to_arrow()])
         return table.select(columns) if columns is not None else table

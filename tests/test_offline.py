@@ -180,7 +180,7 @@ def rllib_pack(array):
 def test_rllib_json_output_with_packed_columns(tmp_path):
     rng = np.random.default_rng(0)
     lines = []
-    for k in range(3):
+    for k in range(130):  # three blocks of lines (64, 64, 2)
         obs = rng.normal(size=(5, 4)).astype(np.float32)
         lines.append(json.dumps({"type": "SampleBatch", "obs": rllib_pack(obs), "new_obs": rllib_pack(obs + 1),
                                  "actions": [0, 1, 1, 0, 1], "rewards": [1.0] * 5,
@@ -188,10 +188,11 @@ def test_rllib_json_output_with_packed_columns(tmp_path):
                                  "action_logp": [-0.69] * 5, "infos": [{}] * 5}))
     (tmp_path / "output-2024-01-01_worker-0_0.json").write_text("\n".join(lines) + "\n")
     data = Dataset.open(tmp_path)
-    assert data.format == "json"
+    assert data.format == "json" and len(data.chunks) == 3
     batch = read_all(tmp_path)
-    assert len(batch) == 15 and batch["obs"].shape == (15, 4) and batch["obs"].dtype == np.float32
-    assert batch["terminateds"].tolist() == ([False] * 4 + [True]) * 3  # RLlib's old "dones"
+    assert len(batch) == 650 and batch["obs"].shape == (650, 4) and batch["obs"].dtype == np.float32
+    assert batch["eps_id"].tolist() == np.repeat(np.arange(130), 5).tolist()
+    assert batch["terminateds"].tolist() == ([False] * 4 + [True]) * 130  # RLlib's old "dones"
     assert np.allclose(batch["new_obs"], batch["obs"] + 1)
     assert "infos" not in batch.columns
 
