@@ -1,6 +1,6 @@
 """Rollout throughput (env steps/s including policy inference), flowrl vs a tight loop, in one run.
 
-    python benchmarks/sampling.py [--seconds 4] [--num-envs 8] [--fragment 512]
+    python benchmarks/sampling.py [--seconds 3] [--rounds 5] [--num-envs 8] [--fragment 512]
 
 CartPole-v1 with the default MLP policy:
   (1) a tight single-process loop over the same vector env and policy (no bookkeeping),
@@ -62,8 +62,8 @@ def flowrl_rate(seconds: float, executor: str, num_workers: int, env: str = "Car
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best of each is kept")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repeats; the best of each is kept")
     parser.add_argument("--num-envs", type=int, default=8)
     parser.add_argument("--fragment", type=int, default=512, help="rollout_fragment_length of (2) and (3)")
     args = parser.parse_args()
