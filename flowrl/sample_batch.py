@@ -82,7 +82,7 @@ def _to_arrow_column(arr: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | No
 
 def _column_view(array: pa.Array, field: pa.Field) -> np.ndarray:
     if isinstance(array.type, pa.FixedShapeTensorType):
-        view = array.to_numpy_ndarray()
+        view = array.to_numpy_ndarray().reshape(len(array), *array.type.shape)  # also when empty
         if field.metadata and field.metadata.get(_DTYPE_KEY) == b"bool":
             view = view.view(np.bool_)
     else:
@@ -91,31 +91,62 @@ def _column_view(array: pa.Array, field: pa.Field) -> np.ndarray:
     return view
 
 
-def _normalize_arrow_column(name: str, array: pa.Array | pa.ChunkedArray, field: pa.Field) -> pa.Array:
-    """Accept what other Arrow writers produce; reject what a SampleBatch cannot hold."""
+def _one_chunk(name: str, array: pa.Array | pa.ChunkedArray) -> pa.Array:
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     if array.null_count:
         raise ValueError(f"column {name!r}: contains {array.null_count} null values")
+    return array
+
+
+def _fixed_size_list_values(name: str, array: pa.Array) -> np.ndarray:
+    """A (nested) fixed-size list column, as a reader that dropped the tensor type writes one:
+    its values with the rows' shape."""
+    shape = [array.type.list_size]
+    inner = array
+    while pa.types.is_fixed_size_list(inner.type.value_type):
+        inner = inner.flatten()
+        shape.append(inner.type.list_size)
+    values = inner.flatten()
+    _require_numeric(name, values.type)
+    return values.to_numpy(zero_copy_only=False).reshape([len(array), *shape])
+
+
+def _normalize_arrow_column(name: str, array: pa.Array | pa.ChunkedArray, field: pa.Field) -> pa.Array:
+    """Accept what other Arrow writers produce; reject what a SampleBatch cannot hold."""
+    array = _one_chunk(name, array)
     t = array.type
     if isinstance(t, pa.Bool8Type) or isinstance(t, pa.FixedShapeTensorType):
         value_type = t.value_type if isinstance(t, pa.FixedShapeTensorType) else pa.int8()
     elif pa.types.is_boolean(t):
         return pa.Bool8Array.from_numpy(array.to_numpy(zero_copy_only=False))
     elif pa.types.is_fixed_size_list(t):
-        # A tensor column written by a reader that dropped the extension type: rebuild it.
-        shape = [t.list_size]
-        inner = array
-        while pa.types.is_fixed_size_list(inner.type.value_type):
-            inner = inner.flatten()
-            shape.append(inner.type.list_size)
-        values = inner.flatten()
-        _require_numeric(name, values.type)
-        return _tensor_array(values.to_numpy(zero_copy_only=False).reshape([len(array), *shape]))
+        return _tensor_array(_fixed_size_list_values(name, array))
     else:
         value_type = t
     _require_numeric(name, value_type)
     return array
+
+
+def arrow_to_numpy(data: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
+    """The columns of an Arrow table as `SampleBatch.from_arrow(data).to_numpy()` gives them,
+    without building the batch: read-only views where Arrow's layout allows (numbers, bool8,
+    tensors), copies for bit-packed booleans and untyped fixed-size lists."""
+    out = {}
+    for name, field, column in zip(data.schema.names, data.schema, data.columns):
+        array = _one_chunk(name, column)
+        t = array.type
+        if pa.types.is_boolean(t):
+            out[name] = array.to_numpy(zero_copy_only=False)
+        elif pa.types.is_fixed_size_list(t):
+            out[name] = _fixed_size_list_values(name, array)
+        else:
+            if isinstance(t, pa.FixedShapeTensorType):
+                _require_numeric(name, t.value_type)
+            elif not isinstance(t, pa.Bool8Type):
+                _require_numeric(name, t)
+            out[name] = _column_view(array, field)
+    return out
 
 
 def _require_numeric(name: str, t: pa.DataType) -> None:
@@ -206,6 +237,59 @@ def _rebuild(schema_bytes: bytes, rows: int, buffers: list) -> "SampleBatch":
 
 def _from_ipc_bytes(data: bytes) -> "SampleBatch":
     return SampleBatch.from_ipc(data)
+
+
+class BatchLayout:
+    """The columns (names, dtypes, row shapes) and spaces shared by a stream of batches.
+
+    `layout.batch(columns)` wraps C-contiguous numpy columns of that layout as a SampleBatch
+    with a few cheap checks and no Arrow work: the record batch is assembled (still without a
+    copy) only if an Arrow operation asks for it, as for a batch that arrived through Ray. For
+    streams of many small batches, such as minibatches cut from a shuffle buffer.
+
+    >>> layout = BatchLayout({"obs": np.zeros((0, 2), np.float32), "done": np.zeros(0, bool)})
+    >>> b = layout.batch({"obs": np.ones((3, 2), np.float32), "done": np.array([0, 0, 1], bool)})
+    >>> len(b), b["obs"].shape, b == SampleBatch(b.to_numpy())
+    (3, (3, 2), True)
+    """
+
+    def __init__(self, example: Mapping[str, Any], spaces: Mapping[str, gym.Space] | None = None):
+        first = SampleBatch({name: np.asarray(value)[:0] for name, value in example.items()}, spaces)
+        self.names = first.columns
+        self._schema, self._plans, self._spaces = _read_schema(first._schema.serialize().to_pybytes())
+
+    def batch(self, columns: Mapping[str, np.ndarray]) -> "SampleBatch":
+        rows = self._check(columns)
+        return self._wrap(list(columns.values()), rows)
+
+    def batches(self, columns: Mapping[str, np.ndarray], size: int) -> Iterator["SampleBatch"]:
+        """Consecutive batches of `size` rows (the last may be shorter) over slices of `columns`,
+        which are checked once."""
+        rows = self._check(columns)
+        arrays = list(columns.values())
+        for start in range(0, rows, size):
+            yield self._wrap([a[start:start + size] for a in arrays], min(size, rows - start))
+
+    def _check(self, columns: Mapping[str, np.ndarray]) -> int:
+        if list(columns) != self.names:
+            raise ValueError(f"columns {list(columns)} do not match the layout's {self.names}")
+        arrays = list(columns.values())
+        rows = len(arrays[0]) if arrays else 0
+        for name, arr, plan in zip(self.names, arrays, self._plans):
+            if arr.dtype != plan.dtype or arr.shape[1:] != plan.shape or len(arr) != rows \
+                    or not arr.flags.c_contiguous:
+                raise ValueError(f"column {name!r}: {arr.dtype}{list(arr.shape)} (contiguous: "
+                                 f"{arr.flags.c_contiguous}) does not fit the layout's "
+                                 f"{plan.dtype}{list(plan.shape)} with {rows} rows")
+        return rows
+
+    def _wrap(self, arrays: list[np.ndarray], rows: int) -> "SampleBatch":
+        out = SampleBatch.__new__(SampleBatch)
+        out._batch, out._schema, out._num_rows = None, self._schema, rows
+        out._raw = (self._plans, arrays)
+        out._spaces = dict(self._spaces)
+        out._views = {}
+        return out
 
 
 class SampleBatch(Mapping):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from flowrl import SampleBatch
 from flowrl.cli import main
-from flowrl.connectors import OUTPUT_COLUMNS, Dataset, DatasetError, DatasetWriter
+from flowrl.connectors import OUTPUT_COLUMNS, Dataset, DatasetError, DatasetWriter, shuffled
 from flowrl.connectors.reader import DatasetInput, EpisodeReturns, complete_episodes
 from flowrl.estimators import importance_sampling
 from flowrl.plan import Plan
@@ -156,6 +156,38 @@ def test_shuffling_mixes_rows_and_is_seeded(tmp_path):
     assert not np.array_equal(first, next(data.batches(["i"], 512, 2000, seed=2))["i"])
     assert len(np.unique(first // 1000)) > 1  # rows from several row groups in one batch
     assert np.abs(np.diff(first)).mean() > 100  # not runs of consecutive rows
+
+
+@settings(max_examples=30)
+@given(n=st.integers(1, 400), capacity=st.integers(1, 120), batch_size=st.integers(1, 50),
+       chunk=st.integers(1, 90), seed=st.integers(0, 2**32 - 1))
+def test_shuffle_buffer_keeps_each_row_within_its_window(n, capacity, batch_size, chunk, seed):
+    # A row leaves when its slot comes up in the buffer's random visiting order: after at most
+    # 2 * capacity arrivals, so no row moves 2 * capacity places or more (and none moves ahead
+    # by capacity or more). Each row comes out once; the buffer's rows drain in random order.
+    rows = np.arange(n)
+    parts = ({"i": rows[a:a + chunk], "x": np.stack([rows[a:a + chunk]] * 3, 1).astype(np.float32)}
+             for a in range(0, n, chunk))
+    out = list(shuffled(parts, batch_size, capacity, np.random.default_rng(seed)))
+    order = np.concatenate([b["i"] for b in out])
+    assert sorted(order.tolist()) == rows.tolist()
+    assert all(len(b["i"]) % batch_size == 0 for b in out[:-1])
+    assert np.array_equal(np.concatenate([b["x"] for b in out]), np.stack([order] * 3, 1))
+    moved = np.arange(n) - np.argsort(order)  # where each row went, minus where it came in
+    assert moved.max() < capacity and moved.min() > -2 * capacity
+
+
+def test_shuffle_buffer_draws_rows_uniformly_from_its_window():
+    # With the buffer full of rows 0..C-1, the next C rows out are those rows in a random
+    # order: over many seeds each row is about equally likely at each position.
+    capacity, trials = 8, 4000
+    counts = np.zeros((capacity, capacity))
+    for seed in range(trials):
+        parts = iter([{"i": np.arange(2 * capacity)}])
+        first = next(shuffled(parts, capacity, capacity, np.random.default_rng(seed)))["i"][:capacity]
+        counts[first, np.arange(capacity)] += 1
+    expected = trials / capacity
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)  # 5 standard deviations
 
 
 def test_dataset_input_streams_on_both_executors(tmp_path, executor):
