@@ -3,7 +3,8 @@
 Prints, from one run:
   * rows/s of flowrl's input connector (Dataset.batches: random row-group order, a shuffle
     buffer, SampleBatches of 512 rows) vs a plain `pyarrow.dataset` scan of the same files and
-    columns (ratio; goal >= 0.8);
+    columns (ratio; goal >= 0.8), and, to show where the time goes, of its reading alone
+    (Dataset.scan: the same row groups as numpy columns, no shuffle, no batches);
   * peak memory held while streaming (numpy and Arrow allocations) vs the shuffle buffer plus
     one row group (ratio; goal <= 2), and, for reference, the RSS growth of a fresh process.
 
@@ -103,6 +104,11 @@ def one_pass(kind: str, data, path: str, columns: list[str]) -> int:
     if kind == "flowrl":
         for batch in data.batches(columns, BATCH, shuffle_buffer_size=BUFFER, seed=0, num_epochs=1):
             rows += len(batch)
+    elif kind == "flowrl-read":
+        import numpy as np
+
+        for cols in data.scan(columns, np.random.default_rng(0)):
+            rows += len(cols[columns[0]])
     else:
         for rb in pads.dataset(path, format="parquet").to_batches(columns=columns):
             rows += rb.num_rows
@@ -149,7 +155,7 @@ def main() -> None:
               f"({len(os.listdir(path))} Parquet files)")
         best: dict[str, dict] = {}
         for i in range(args.repeats):
-            for kind in (["flowrl", "pyarrow"] if i % 2 == 0 else ["pyarrow", "flowrl"]):
+            for kind in (["flowrl", "pyarrow", "flowrl-read"] if i % 2 == 0 else ["flowrl-read", "pyarrow", "flowrl"]):
                 out = subprocess.run([sys.executable, __file__, "--child", kind, path], check=True,
                                      capture_output=True, text=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
@@ -160,10 +166,12 @@ def main() -> None:
                     b["seconds"] = r["seconds"]
                 for key in ("held", "arrow", "python", "rss_growth"):
                     b[key] = max(b[key], r[key])
-        f, p = best["flowrl"], best["pyarrow"]
-        f_rate, p_rate = f["rows"] / f["seconds"], p["rows"] / p["seconds"]
+        f, p, r = best["flowrl"], best["pyarrow"], best["flowrl-read"]
+        f_rate, p_rate, r_rate = (x["rows"] / x["seconds"] for x in (f, p, r))
         print(f"rows/s, all columns: flowrl (shuffled minibatches of {BATCH}) {f_rate:,.0f} vs "
               f"pyarrow.dataset scan {p_rate:,.0f}: ratio {f_rate / p_rate:.2f} (goal >= 0.8)")
+        print(f"  flowrl's reading alone (same row groups as numpy columns, no shuffle): {r_rate:,.0f} rows/s, "
+              f"ratio {r_rate / p_rate:.2f}; the shuffle buffer and batches take the rest")
         bound = (BUFFER + f["row_group_rows"]) * f["row_bytes"]
         mib = 2 ** 20
         print(f"peak memory held while streaming: {f['held'] / mib:.1f} MiB (numpy {f['python'] / mib:.1f}, "
