@@ -1,6 +1,7 @@
 """Input connectors: stream an offline dataset as shuffled SampleBatches with bounded memory.
 
-`Dataset.open(spec)` takes a file, a directory, a glob, a list of those, or `minari:DATASET_ID`.
+`Dataset.open(spec)` takes a file, a directory, a glob, a list of those, or `minari:DATASET_ID`;
+Parquet and Arrow files may be named by URI (s3://, gs://, hdfs://, file://, or any fsspec scheme).
 Formats: Parquet and Arrow IPC (flowrl's output, or any table with these columns), RLlib's
 JSON output (one SampleBatch per line, columns possibly packed), and Minari datasets. Opening
 checks every file's footer and the columns; bad input raises `DatasetError`, one line naming
@@ -28,6 +29,7 @@ across the cluster.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -39,6 +41,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowrl.sample_batch import SPACES_KEY, BatchLayout, SampleBatch, arrow_to_numpy
@@ -71,15 +74,88 @@ def _is_data_file(path: str) -> bool:
     return not name.startswith((".", "_")) and os.path.splitext(name)[1].lower() in EXTENSIONS
 
 
+def is_uri(path: str) -> bool:
+    """Whether `path` names a file through a filesystem URI (s3://, gs://, file://, ...)."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem a URI names and the path within it: pyarrow's own filesystems (s3://,
+    gs://, hdfs://, file://), or an fsspec one for other schemes (memory://, az:// with adlfs,
+    ...)."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:  # a scheme pyarrow does not know: try fsspec's
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as e2:
+            raise DatasetError(f"{uri}: unknown filesystem ({_short(e)}; fsspec: {_short(e2)})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{uri}: cannot reach the filesystem: {_short(e)}") from None
+
+
+# Where each file found at a URI lives (its filesystem, made once per URI given, and its path).
+_LOCATIONS: dict[str, tuple[pafs.FileSystem, str]] = {}
+
+
+def _uri_files(item: str) -> list[str]:
+    """resolve_files for one URI: its files as URIs."""
+    fs, path = filesystem_of(item)
+    scheme = item.partition("://")[0]
+
+    def uri(p: str) -> str:
+        name = f"{scheme}://{p}"
+        _LOCATIONS[name] = (fs, p)
+        return name
+
+    def listing(directory: str) -> list[str]:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(directory, recursive=True, allow_not_found=True))
+        except (pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{item}: cannot list: {_short(e)}") from None
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path))
+
+    if glob.has_magic(path):
+        parts = path.split("/")
+        fixed = "/".join(parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+        # fnmatch: '*' also matches across '/', so 'dir/*.parquet' finds files in subfolders too.
+        matches = [uri(p) for p in listing(fixed) if fnmatch.fnmatchcase(p, path)]
+        if not matches:
+            raise DatasetError(f"{item}: no data files match this pattern")
+        return matches
+    try:
+        info = fs.get_file_info(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{item}: cannot read: {_short(e)}") from None
+    if info.type == pafs.FileType.Directory:
+        found = [uri(p) for p in listing(path)]
+        if not found:
+            raise DatasetError(f"{item}: an empty dataset (no {', '.join(sorted(set(EXTENSIONS)))} files)")
+        return found
+    if info.type == pafs.FileType.File:
+        if os.path.splitext(path)[1].lower() not in EXTENSIONS:
+            raise DatasetError(f"{item}: unknown dataset format (expected {', '.join(sorted(EXTENSIONS))})")
+        _LOCATIONS[item] = (fs, path)
+        return [item]
+    raise DatasetError(f"{item}: no such file or directory")
+
+
 def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """The data files a path, directory, glob or list of those names, in a stable order."""
+    """The data files a path, directory, glob or list of those names, in a stable order. URIs
+    (s3://bucket/dataset/, gs://..., file:///...) name files through their filesystem."""
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not items:
         raise DatasetError("input: an empty list names no dataset")
     files: list[str] = []
     for item in items:
         item = os.fspath(item)
-        if glob.has_magic(item):
+        if is_uri(item):
+            files.extend(_uri_files(item))
+        elif glob.has_magic(item):
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and _is_data_file(p))
             if not matches:
                 raise DatasetError(f"{item}: no data files match this pattern")
@@ -96,6 +172,14 @@ def resolve_files(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         else:
             raise DatasetError(f"{item}: no such file or directory")
     return files
+
+
+def locate(file: str) -> tuple[pafs.FileSystem | None, str]:
+    """Where to read a file that resolve_files gave: (None, path) for a local path, else the
+    URI's filesystem and the path within it."""
+    if not is_uri(file):
+        return None, file
+    return _LOCATIONS.get(file) or filesystem_of(file)
 
 
 def _format_of(files: list[str]) -> str:
@@ -131,9 +215,10 @@ class _Parquet(_Files):
         self.chunks: list[Chunk] = []
         self._metadata: dict[str, pq.FileMetaData] = {}
         for f in files:
+            fs, path = locate(f)
             try:
-                meta = pq.read_metadata(f)
-                schema = pq.read_schema(f)
+                meta = pq.read_metadata(path, filesystem=fs)
+                schema = pq.read_schema(path, filesystem=fs)
             except (pa.ArrowException, OSError) as e:
                 raise DatasetError(f"{f}: not a readable Parquet file (truncated or corrupt?): {_short(e)}") from None
             self._check_schema(f, schema)
@@ -147,7 +232,8 @@ class _Parquet(_Files):
         # keeping a reader open, which would hold on to its last buffers (about 0.8 MiB).
         # Column chunks are read one by one (no pre-buffering), so the compressed and decoded
         # copies of a whole row group are never in memory together.
-        with pq.ParquetFile(chunk.file, metadata=self._metadata[chunk.file]) as reader:
+        fs, path = locate(chunk.file)
+        with pq.ParquetFile(path, metadata=self._metadata[chunk.file], filesystem=fs) as reader:
             return reader.read_row_group(chunk.index, columns=columns, use_threads=False)
 
 
@@ -159,16 +245,23 @@ class _ArrowIPC(_Files):
         self._open = None
         for f in files:
             try:
-                reader = pa.ipc.open_file(pa.memory_map(f))
+                reader = pa.ipc.open_file(self._source(f))
             except (pa.ArrowException, OSError) as e:
                 raise DatasetError(f"{f}: not a readable Arrow IPC file (truncated or corrupt?): {_short(e)}") from None
             self._check_schema(f, reader.schema)
             # Record batch lengths sit in each batch's header; reading one is a memory-mapped view.
             self.chunks.extend(Chunk(f, i, reader.get_batch(i).num_rows) for i in range(reader.num_record_batches))
 
+    @staticmethod
+    def _source(f: str) -> pa.NativeFile:
+        """A local file memory-mapped (reading a record batch is a view), a remote one opened
+        for random access (reading a record batch fetches just its bytes)."""
+        fs, path = locate(f)
+        return pa.memory_map(path) if fs is None else fs.open_input_file(path)
+
     def read(self, chunk: Chunk, columns: list[str] | None) -> pa.Table:
         if self._open is None or self._open[0] != chunk.file:
-            self._open = (chunk.file, pa.ipc.open_file(pa.memory_map(chunk.file)))
+            self._open = (chunk.file, pa.ipc.open_file(self._source(chunk.file)))
         rb = self._open[1].get_batch(chunk.index)
         return pa.Table.from_batches([rb.select(columns) if columns is not None else rb])
 
@@ -329,6 +422,9 @@ class Dataset:
             return cls(_Minari(spec[len("minari:"):]), "minari", spec)
         files = resolve_files(spec)
         fmt = _format_of(files)
+        if fmt == "json" and any(is_uri(f) for f in files):
+            raise DatasetError(f"{next(f for f in files if is_uri(f))}: RLlib JSON datasets are read from local "
+                               "files; copy them here first (Parquet and Arrow datasets can stay at a URI)")
         source = {"parquet": _Parquet, "arrow": _ArrowIPC, "json": _RLlibJSON}[fmt](files)
         where = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else files[0]
         data = cls(source, fmt, where)

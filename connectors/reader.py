@@ -28,7 +28,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from flowrl.connectors.input import Dataset, DatasetError
+from flowrl.connectors.input import Dataset, DatasetError, locate
 from flowrl.returns import discounted_returns
 from flowrl.sample_batch import SampleBatch
 from flowrl.stream import Stream, _wrap_error
@@ -88,15 +88,27 @@ def ray_data_batches(dataset: Dataset, columns: list[str], batch_size: int, shuf
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     spaces = {k: v for k, v in dataset.spaces.items() if k in columns}
+    filesystem, paths = _one_filesystem(dataset)
     epoch = 0
     while num_epochs is None or epoch < num_epochs:
-        ds = ray.data.read_parquet(dataset.files, columns=columns, shuffle="files")
+        ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, shuffle="files")
         for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                      local_shuffle_buffer_size=max(shuffle_buffer_size, batch_size),
                                      local_shuffle_seed=None if seed is None else seed + epoch):
             batch = SampleBatch.from_arrow(table)
             yield SampleBatch(batch.to_numpy(), spaces) if spaces and not batch.spaces else batch
         epoch += 1
+
+
+def _one_filesystem(dataset: Dataset) -> tuple[Any, list[str]]:
+    """The filesystem (None: local) and paths Ray Data reads the dataset's files from; Ray Data
+    takes one filesystem for all of them."""
+    located = [locate(f) for f in dataset.files]
+    kinds = {type(fs).__name__ if fs is not None else "local" for fs, _ in located}
+    if len(kinds) > 1:
+        raise DatasetError(f"{dataset.where}: the Ray executor reads a dataset from one filesystem, "
+                           f"but its files are on {', '.join(sorted(kinds))}")
+    return located[0][0], [path for _, path in located]
 
 
 # ---- whole episodes ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ MAX_WEIGHT = 20.0
 
 @dataclass
 class MARWILConfig(CommonConfig):
-    input: str | list | None = None          # dataset: path, directory, glob, list, or minari:DATASET_ID
+    input: str | list | None = None          # dataset: path, directory, glob, URI (s3://...), list, or minari:ID
     input_fraction: float = 1.0              # share of each batch read from input; the rest sampled live
     input_num_epochs: int | None = None      # passes over the dataset; null repeats until a stop condition
     shuffle_buffer_size: int = 50_000        # rows
@@ -57,7 +57,7 @@ class MARWILConfig(CommonConfig):
     def validate(self) -> None:
         super().validate()
         if self.input is None:
-            raise ConfigError("input", "missing: the dataset to train from (a path, glob, list, or minari:ID)")
+            raise ConfigError("input", "missing: the dataset to train from (a path, glob, URI, list, or minari:ID)")
         if not 0 < self.input_fraction <= 1:
             raise ConfigError("input_fraction", f"must be in (0, 1], got {self.input_fraction}")
         if self.beta < 0:

@@ -201,6 +201,51 @@ def test_dataset_input_streams_on_both_executors(tmp_path, executor):
     assert results[0]["output"]["obs"].shape == (100, 4)
 
 
+def test_dataset_at_a_uri_streams_on_both_executors(tmp_path, executor):
+    # URIs name files through a filesystem (s3://, gs://, ...); file:// takes the same path
+    # without a network: listing, footers, row groups, and Ray Data's read tasks.
+    record(tmp_path / "d", cartpole_batches(n=2), max_rows_per_file=200)  # 3 files
+    uri = (tmp_path / "d").as_uri()
+    data = Dataset.open(uri)
+    assert data.num_rows == 512 and all(f.startswith("file:///") for f in data.files)
+    assert Dataset.open(f"{uri}/*.parquet").files == data.files
+    with Plan(DatasetInput(uri, ["obs", "actions"], batch_size=100, seed=0, num_epochs=2), executor=executor) as plan:
+        results = list(plan.run())
+    assert sum(len(r["output"]) for r in results) == 1024
+    assert read_all(uri) == read_all(tmp_path / "d")
+
+
+def test_dataset_in_an_fsspec_filesystem(tmp_path):
+    # Schemes pyarrow does not know go through fsspec (here its in-memory filesystem).
+    import fsspec
+
+    record(tmp_path / "p", cartpole_batches(n=1), max_rows_per_file=100)
+    record(tmp_path / "a", cartpole_batches(n=1), max_rows_per_file=100, format="arrow")
+    memory = fsspec.filesystem("memory")
+    for fmt in ("p", "a"):
+        for f in sorted((tmp_path / fmt).iterdir()):
+            memory.pipe(f"/flowrl-test/{fmt}/{f.name}", f.read_bytes())
+        assert read_all(f"memory://flowrl-test/{fmt}") == read_all(tmp_path / fmt)
+        data = Dataset.open(f"memory://flowrl-test/{fmt}")
+        rows = np.concatenate([b["t"] for b in data.batches(["t"], 64, 100, seed=0, num_epochs=1)])
+        assert len(rows) == data.num_rows == 256
+    with pytest.raises(DatasetError, match="memory://flowrl-test/none: no such file or directory"):
+        Dataset.open("memory://flowrl-test/none")
+    with pytest.raises(DatasetError, match="no data files match"):
+        Dataset.open("memory://flowrl-test/p/*.arrow")
+    with pytest.raises(DatasetError, match="nosuch://x: unknown filesystem"):
+        Dataset.open("nosuch://x")
+    memory.pipe("/flowrl-test/j/out.json", b"{}\n")
+    with pytest.raises(DatasetError, match="RLlib JSON datasets are read from local files"):
+        Dataset.open("memory://flowrl-test/j")
+    memory.rm("/flowrl-test", recursive=True)
+
+
+def test_missing_dataset_at_a_uri_is_one_line_from_the_cli(tmp_path, capsys):
+    uri = (tmp_path / "nope").as_uri()
+    assert f"config.input: {uri}: no such file or directory" in bad_input(tmp_path, capsys, uri)
+
+
 # ---- RLlib JSON and Minari -----------------------------------------------------------------------
 def rllib_pack(array):
     from ray import cloudpickle
