@@ -595,25 +595,30 @@ def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity:
     filled = 0
     order = np.arange(capacity, dtype=np.int32 if capacity < 2**31 else np.int64)  # half the memory of int64
     visited = capacity  # slots of `order` visited so far; all: a new order is due
-    carry: dict[str, np.ndarray] | None = None  # fewer than batch_size rows, for the next batch
+    pending: list[dict[str, np.ndarray]] = []  # pieces (copies) of a batch not yet full
+    pending_rows = 0
+
+    def joined() -> dict[str, np.ndarray]:
+        return {name: np.concatenate([piece[name] for piece in pending]) for name in pending[0]}
 
     def whole_batches(cols: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """`cols` after the carried rows, cut at a multiple of batch_size; the rest is carried."""
-        nonlocal carry
+        """`cols` after topping up the pending batch, cut at a multiple of batch_size; the rest
+        is kept pending."""
+        nonlocal pending, pending_rows
         n, start = len(next(iter(cols.values()))), 0
-        if carry is not None:
-            need = batch_size - len(next(iter(carry.values())))
-            joined = {name: np.concatenate([carry[name], value[:need]]) for name, value in cols.items()}
-            if n < need:
-                carry = joined
+        if pending:
+            start = min(batch_size - pending_rows, n)
+            pending.append({name: value[:start].copy() for name, value in cols.items()})
+            pending_rows += start
+            if pending_rows < batch_size:
                 return
-            carry, start = None, need
-            yield joined
+            yield joined()
+            pending, pending_rows = [], 0
         end = start + (n - start) // batch_size * batch_size
         if end > start:
             yield cols if (start, end) == (0, n) else {name: value[start:end] for name, value in cols.items()}
         if end < n:
-            carry = {name: value[end:].copy() for name, value in cols.items()}
+            pending, pending_rows = [{name: value[end:].copy() for name, value in cols.items()}], n - end
 
     def leaving(slots: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
@@ -652,5 +657,5 @@ def shuffled(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, capacity:
         rng.shuffle(rest)
         for start in range(0, filled, block):
             yield from whole_batches(leaving(rest[start:start + block].astype(np.intp)))
-    if carry is not None:
-        yield carry
+    if pending:
+        yield joined()
