@@ -226,7 +226,12 @@ def _rebuild(schema_bytes: bytes, rows: int, buffers: list) -> "SampleBatch":
     """Unpickle target: column data arrives as raw buffers (out of band under protocol 5). The
     batch keeps them as they are: a column read is a numpy view over its buffer, and the Arrow
     record batch is assembled (without copying) only when an Arrow operation needs it."""
-    schema, plans, spaces = _read_schema(schema_bytes)
+    return _raw_batch(*_read_schema(schema_bytes), rows, buffers)
+
+
+def _raw_batch(schema: pa.Schema, plans: tuple[_ColumnPlan, ...], spaces: dict[str, gym.Space], rows: int,
+               buffers: list) -> "SampleBatch":
+    """A batch over raw column buffers (see _rebuild), laid out as `plans` says."""
     self = SampleBatch.__new__(SampleBatch)
     self._batch, self._schema, self._num_rows = None, schema, rows
     self._raw = (plans, buffers)
@@ -260,7 +265,7 @@ class BatchLayout:
 
     def batch(self, columns: Mapping[str, np.ndarray]) -> "SampleBatch":
         rows = self._check(columns)
-        return self._wrap(list(columns.values()), rows)
+        return _raw_batch(self._schema, self._plans, self._spaces, rows, list(columns.values()))
 
     def batches(self, columns: Mapping[str, np.ndarray], size: int) -> Iterator["SampleBatch"]:
         """Consecutive batches of `size` rows (the last may be shorter) over slices of `columns`,
@@ -268,7 +273,8 @@ class BatchLayout:
         rows = self._check(columns)
         arrays = list(columns.values())
         for start in range(0, rows, size):
-            yield self._wrap([a[start:start + size] for a in arrays], min(size, rows - start))
+            yield _raw_batch(self._schema, self._plans, self._spaces, min(size, rows - start),
+                             [a[start:start + size] for a in arrays])
 
     def _check(self, columns: Mapping[str, np.ndarray]) -> int:
         if list(columns) != self.names:
@@ -282,14 +288,6 @@ class BatchLayout:
                                  f"{arr.flags.c_contiguous}) does not fit the layout's "
                                  f"{plan.dtype}{list(plan.shape)} with {rows} rows")
         return rows
-
-    def _wrap(self, arrays: list[np.ndarray], rows: int) -> "SampleBatch":
-        out = SampleBatch.__new__(SampleBatch)
-        out._batch, out._schema, out._num_rows = None, self._schema, rows
-        out._raw = (self._plans, arrays)
-        out._spaces = dict(self._spaces)
-        out._views = {}
-        return out
 
 
 class SampleBatch(Mapping):
