@@ -13,7 +13,7 @@ three allow-listed numpy constructors) and refuses anything else.
 >>> load_array(pickle.dumps(os.getcwd))
 Traceback (most recent call last):
 ...
-connectors.safe_unpack.UnsafePickleError: refusing to load posix.getcwd: only numpy arrays are read from packed columns
+flowrl.connectors.safe_unpack.UnsafePickleError: refusing to load posix.getcwd: only numpy arrays are read from packed columns
 """
 
 from __future__ import annotations
