@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from flowrl import Plan
 from flowrl.config import CommonConfig
-from flowrl.operators import (ComputeAdvantages, ParallelRollouts, StandardizeFields, StandardMetricsReporting,
-                              TrainOneStep, UpdateWeights)
+from flowrl.operators import (ComputeAdvantages, LearningRateSchedule, ParallelRollouts, StandardizeFields,
+                              StandardMetricsReporting, TrainOneStep, UpdateWeights)
 
 
 @dataclass
@@ -29,6 +29,7 @@ def reinforce_plan(workers, config: ReinforceConfig) -> Plan:
     train = (ParallelRollouts(workers)
              .then(ComputeAdvantages(config.gamma, lam=1.0))      # discounted returns - V(s)
              .then(StandardizeFields(["advantages"]))
+             .then(LearningRateSchedule(workers, config.lr, config.lr_schedule))   # config.lr_schedule, if given
              .then(TrainOneStep(workers, lambda policy, batch: reinforce_loss(policy, batch, config)))
              .then(UpdateWeights(workers)))
     return Plan(train, report=StandardMetricsReporting(), name="REINFORCE")

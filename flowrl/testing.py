@@ -56,3 +56,31 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.05) -> 
             return True
         time.sleep(interval_s)
     return predicate()
+
+
+def same_experience(a, b) -> bool:
+    """Whether two SampleBatches hold the same steps: equal columns, with `eps_id` equal up
+    to naming (each worker instance draws a random base for its episode ids)."""
+    import numpy as np
+
+    def labels(ids):  # episodes numbered in order of first appearance
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        return np.argsort(np.argsort(first))[inverse.reshape(-1)]
+
+    others = [c for c in a.columns if c != "eps_id"]
+    return (a.columns == b.columns and a.select(others) == b.select(others)
+            and ("eps_id" not in a.columns or np.array_equal(labels(a["eps_id"]), labels(b["eps_id"]))))
+
+
+def ctrl_c(proc, timeout_s: float = 30.0) -> tuple[str, float]:
+    """Send SIGINT to a subprocess (started with text pipes) and wait for it to end: its
+    remaining stderr (or stdout, when stderr is not a pipe) and the seconds it took to stop."""
+    import signal
+
+    t0 = time.monotonic()
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        proc.kill()
+    return (err if err is not None else out), time.monotonic() - t0

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from flowrl.config import CommonConfig, ConfigError
 from flowrl.operators import (ApplyGradients, AverageGradients, ComputeAdvantages, ComputeGradients, Gather,
-                              ParallelRollouts, StandardizeFields, StandardMetricsReporting, TrainOneStep,
-                              UpdateWeights)
+                              LearningRateSchedule, ParallelRollouts, StandardizeFields, StandardMetricsReporting,
+                              TrainOneStep, UpdateWeights)
 from flowrl.plan import Plan
 from flowrl.rollout import WorkerSet
 
@@ -57,6 +57,7 @@ def build_a2c_plan(workers: WorkerSet, config: A2CConfig) -> Plan:
     train = ParallelRollouts(workers, Gather.SYNC).then(ComputeAdvantages(config.gamma, config.lambda_, config.n_step))
     if config.normalize_advantages:
         train = train.then(StandardizeFields(["advantages"]))
+    train = train.then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
     if config.microbatch_size is None:
         train = train.then(TrainOneStep(workers, loss, grad_clip=config.grad_clip))
     else:

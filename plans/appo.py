@@ -3,9 +3,19 @@ learner thread, fed through a bounded queue, corrects for the policy lag with V-
 (Espeholt et al. 2018) and optimizes a clipped surrogate against a target network that is
 updated every `target_update_freq` trained steps. Weights go out without blocking sampling.
 
-With rho_t = pi_target / mu (clipped at 2) and r_t = pi / pi_target:
-    L_pg = -E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) rho_t],  A_t = V-trace advantage
-    L_vf = 1/2 E[(V(s_t) - v_t)^2],                                   v_t = V-trace target
+mu is the behaviour policy (the worker's, `action_logp`), pi_target the target network and
+pi the policy being trained. V-trace runs with pi_target as its target policy, so the
+off-policy correction for mu -> pi_target is inside its advantages, once:
+    rho_t = min(rho_bar, pi_target / mu)
+    A_t   = rho_t (r_t + gamma v_{t+1} - V(s_t)),                    v_t = V-trace target
+    r_t   = pi / pi_target
+    L_pg  = -E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
+    L_vf  = 1/2 E[(V(s_t) - v_t)^2]
+    L     = L_pg + c_vf L_vf - c_ent H[pi]
+This is the loss of RLlib's APPO (`rllib/algorithms/appo/torch/appo_torch_learner.py`, Ray
+2.10 and later; the same in `appo_torch_policy.py` of Ray 1.x-2.x), the clipped-target
+surrogate of IMPACT (Luo et al. 2020). RLlib writes the ratio as clip(mu / pi_target, 0, 2)
+* pi / mu, which is r_t except where mu > 2 pi_target; here it is r_t throughout.
 """
 
 from __future__ import annotations
@@ -16,9 +26,9 @@ import numpy as np
 import torch
 
 from flowrl.config import CommonConfig, ConfigError
-from flowrl.operators import (ConcatBatches, Concurrently, Dequeue, Enqueue, Gather, LearnerQueue, ParallelRollouts,
-                              StandardMetricsReporting, TrainOneStep, UpdateTargetNetwork, UpdateWeights,
-                              trajectory_ends)
+from flowrl.operators import (ConcatBatches, Concurrently, Dequeue, Enqueue, Gather, LearnerQueue,
+                              LearningRateSchedule, ParallelRollouts, StandardMetricsReporting, TrainOneStep,
+                              UpdateTargetNetwork, UpdateWeights, trajectory_ends)
 from flowrl.plan import Plan
 from flowrl.returns import vtrace
 from flowrl.rollout import WorkerSet
@@ -58,7 +68,8 @@ class APPOConfig(CommonConfig):
 
 class VTraceTargets(Map):
     """Adds `target_logp`, `vs` and `pg_advantages` to a batch in time order, from the target
-    network (pi_target) and the current value function."""
+    network (pi_target: its outputs and, for Gaussian actions, its own log_std) and the
+    current value function."""
 
     def __init__(self, workers: WorkerSet, config: APPOConfig):
         self.workers, self.config = workers, config
@@ -68,7 +79,8 @@ class VTraceTargets(Map):
         with torch.no_grad():
             tensors = batch.to_torch()
             target_inputs, _ = policy.target_model(tensors["obs"])
-            target_logp = policy.dist(target_inputs).log_prob(tensors["actions"]).numpy()
+            target_dist = policy.dist(target_inputs, model=policy.target_model)
+            target_logp = target_dist.log_prob(tensors["actions"]).numpy()
             values = policy.model(tensors["obs"])[1].numpy()
             next_values = policy.model(tensors["new_obs"])[1].numpy()
         vs, pg_advantages = vtrace(batch["action_logp"], target_logp, batch["rewards"], values, next_values,
@@ -81,16 +93,16 @@ def appo_loss(policy, batch, config: APPOConfig):
     dist_inputs, values = policy.model(batch["obs"])
     dist = policy.dist(dist_inputs)
     logp = dist.log_prob(batch["actions"])
-    is_ratio = (batch["target_logp"] - batch["action_logp"]).exp().clamp(0.0, 2.0)
-    ratio = (logp - batch["target_logp"]).exp()
+    ratio = (logp - batch["target_logp"]).exp()      # pi / pi_target; mu is already in the advantages
     advantages = batch["pg_advantages"]
     surrogate = torch.min(ratio * advantages, ratio.clamp(1 - config.clip_param, 1 + config.clip_param) * advantages)
-    policy_loss = -(surrogate * is_ratio).mean()
+    policy_loss = -surrogate.mean()
     vf_loss = 0.5 * ((values - batch["vs"]) ** 2).mean()
     entropy = dist.entropy().mean()
     total_loss = policy_loss + config.vf_loss_coeff * vf_loss - config.entropy_coeff * entropy
+    clip_fraction = ((ratio - 1).abs() > config.clip_param).float().mean()
     return total_loss, {"total_loss": total_loss, "policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy,
-                        "mean_is_ratio": is_ratio.mean()}
+                        "clip_fraction": clip_fraction}
 
 
 def build_appo_plan(workers: WorkerSet, config: APPOConfig) -> Plan:
@@ -104,6 +116,7 @@ def build_appo_plan(workers: WorkerSet, config: APPOConfig) -> Plan:
     learn = (Dequeue(learner_queue)
              .then(UpdateTargetNetwork(workers, config.target_update_freq))
              .then(VTraceTargets(workers, config))
+             .then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
              .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
                                 seed=config.seed))
              .then(UpdateWeights(workers, wait=False))

@@ -1,7 +1,9 @@
 """MARWIL (Wang et al. 2018, "Exponentially Weighted Imitation Learning for Batched Historical
 Data") and BC, its beta = 0 case, trained from an offline dataset.
 
-Per minibatch, with R_t the discounted return-to-go in the recorded episode:
+Per minibatch, with R_t the discounted return-to-go in the recorded episode (bootstrapped
+from V(s_T) of the learner's current value function where the dataset holds the episode
+without its termination: truncated, or cut where the recording stops; as RLlib does):
     A_t    = R_t - V(s_t)
     c^2   <- c^2 + rate (mean(A_t^2) - c^2)            (running scale of the advantages)
     w_t    = exp(beta A_t / c)                          (capped at 20; 1 when beta = 0)
@@ -22,9 +24,10 @@ import torch
 
 from flowrl.config import CommonConfig, ConfigError
 from flowrl.connectors import Dataset
-from flowrl.connectors.reader import DatasetInput, EpisodeReturns, complete_episodes, spaces_for
-from flowrl.operators import (ComputeAdvantages, ConcatBatches, ParallelRollouts, StandardMetricsReporting,
-                              TrainOneStep, UpdateWeights)
+from flowrl.connectors.reader import (DatasetInput, EpisodeReturns, check_episode_ids, complete_episodes,
+                                     spaces_for)
+from flowrl.operators import (ComputeAdvantages, ConcatBatches, LearningRateSchedule, ParallelRollouts,
+                              StandardMetricsReporting, TrainOneStep, UpdateWeights)
 from flowrl.operators.evaluation import EvaluatePolicy, OffPolicyEstimates
 from flowrl.plan import Plan
 from flowrl.rollout import WorkerSet
@@ -74,8 +77,13 @@ class MARWILConfig(CommonConfig):
             raise ConfigError("sgd_minibatch_size", f"must be in [1, train_batch_size], got {self.sgd_minibatch_size}")
 
     def input_columns(self) -> list[str]:
-        """The dataset columns this plan reads."""
-        return ["obs", "actions"] + (["eps_id", "t", "rewards"] if self.beta > 0 else [])
+        """The dataset columns training batches are read with."""
+        return ["obs", "actions"] + (["eps_id", "t"] if self.beta > 0 else [])
+
+    def returns_columns(self) -> list[str]:
+        """The columns returns-to-go are worked out from, once, before training (new_obs:
+        where an episode needs V(s_T) to bootstrap)."""
+        return ["eps_id", "t", "rewards", "terminateds"] if self.beta > 0 else []
 
 
 @dataclass
@@ -109,13 +117,15 @@ def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, st
 
 
 class AddReturnsToGo(Map):
-    """Adds `value_targets`: each row's discounted return-to-go in its recorded episode."""
+    """Adds `value_targets`: each row's discounted return-to-go in its recorded episode,
+    bootstrapped with the learner's current V(s_T) where the episode did not terminate."""
 
-    def __init__(self, returns: EpisodeReturns):
-        self.returns = returns
+    def __init__(self, returns: EpisodeReturns, workers: WorkerSet):
+        self.returns, self.workers = returns, workers
 
     def __call__(self, batch: SampleBatch) -> SampleBatch:
-        return batch.with_columns(value_targets=self.returns.lookup(batch["eps_id"], batch["t"]))
+        targets = self.returns.lookup(batch["eps_id"], batch["t"], value=self.workers.policy.value)
+        return batch.with_columns(value_targets=targets)
 
 
 def _mix(columns: list[str]):
@@ -124,11 +134,18 @@ def _mix(columns: list[str]):
     return mix
 
 
+def _estimates_off_policy(config: MARWILConfig, dataset: Dataset) -> bool:
+    return bool(config.off_policy_estimation_episodes and config.off_policy_estimation_interval
+                and "action_logp" in dataset.columns)
+
+
 def check_input(config: MARWILConfig, env_spaces: dict[str, gym.Space] | None) -> dict[str, gym.Space]:
     """Opens the dataset and checks its columns and shapes before anything runs (DatasetError
     naming the file and column); returns the spaces to train with."""
     dataset = Dataset.open(config.input)
-    dataset.check(config.input_columns())
+    dataset.check(config.input_columns() + config.returns_columns())
+    if config.beta > 0 or _estimates_off_policy(config, dataset):
+        check_episode_ids(dataset)   # ids two episodes share, before a run directory exists
     if env_spaces is None and config.input_fraction < 1:
         raise ConfigError("input_fraction", "< 1 mixes in live sampling, which needs an env")
     if env_spaces is None and config.num_workers > 0:
@@ -145,7 +162,7 @@ def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
                         num_epochs=config.input_num_epochs)
     train_columns = ["obs", "actions"]
     if config.beta > 0:
-        data = data.then(AddReturnsToGo(EpisodeReturns.from_dataset(dataset, config.gamma)))
+        data = data.then(AddReturnsToGo(EpisodeReturns.from_dataset(dataset, config.gamma), workers))
         train_columns.append("value_targets")
     if input_rows < config.train_batch_size:
         fresh = (ParallelRollouts(workers)
@@ -156,16 +173,16 @@ def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
     def loss(policy, batch):
         return marwil_loss(policy, batch, config, state)
 
-    train = data.then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
-                                   seed=config.seed))
+    train = (data.then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
+             .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
+                                seed=config.seed)))
     if workers.num_remote_workers:
         train = train.then(UpdateWeights(workers))
     env = workers.worker_kwargs.get("env")
     if env is not None and config.evaluation_interval:
         train = train.then(EvaluatePolicy(workers, env, workers.worker_kwargs.get("env_config"),
                                           config.evaluation_num_episodes, config.evaluation_interval))
-    if config.off_policy_estimation_episodes and config.off_policy_estimation_interval \
-            and "action_logp" in dataset.columns:
+    if _estimates_off_policy(config, dataset):
         episodes = complete_episodes(dataset, ["obs", "actions", "rewards", "action_logp"],
                                      config.off_policy_estimation_episodes)
         if len(episodes["eps_id"]):

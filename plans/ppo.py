@@ -4,6 +4,10 @@ Loss per minibatch, with r_t = pi(a_t|s_t) / pi_old(a_t|s_t) and advantages A_t 
     L_clip = -E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
     L_vf   = 1/2 E[(V(s_t) - V_target_t)^2]        (optionally clipped around the old values)
     L      = L_clip + c_vf L_vf - c_ent H[pi] + beta KL
+
+With `kl_target`, beta adapts after each training step as RLlib does (x1.5 when the KL is
+above twice the target, x0.5 below half of it), starting from `kl_coeff`, or from 0.2
+(RLlib's default) when `kl_coeff` is 0: a multiplicative update never leaves 0.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from flowrl.config import CommonConfig, ConfigError, check_schedule, schedule_value
-from flowrl.operators import (ComputeAdvantages, ConcatBatches, Gather, ParallelRollouts, StandardizeFields,
-                              StandardMetricsReporting, TrainOneStep, UpdateWeights)
+from flowrl.operators import (ComputeAdvantages, ConcatBatches, Gather, LearningRateSchedule, ParallelRollouts,
+                              StandardizeFields, StandardMetricsReporting, TrainOneStep, UpdateWeights)
 from flowrl.plan import Plan, PlanContext
 from flowrl.rollout import WorkerSet
 from flowrl.stream import Map
@@ -33,7 +37,8 @@ class PPOConfig(CommonConfig):
     vf_loss_coeff: float = 0.5
     entropy_coeff: float = 0.0
     kl_coeff: float = 0.0                     # > 0 adds beta * KL to the loss
-    kl_target: float | None = None            # adapt kl_coeff towards this KL (x1.5 / x0.5)
+    kl_target: float | None = None            # adapt kl_coeff towards this KL (x1.5 / x0.5), from 0.2 when
+                                              # kl_coeff is 0 (RLlib's default; x1.5 would keep 0 at 0)
     normalize_advantages: bool = True
 
     def validate(self) -> None:
@@ -80,21 +85,20 @@ def ppo_loss(policy, batch: dict[str, torch.Tensor], config: PPOConfig, clip_par
                         "entropy": entropy, "kl": approx_kl, "clip_fraction": clip_fraction}
 
 
-class Schedules(Map):
-    """Sets this iteration's learning rate and clip range from the env steps sampled so far."""
+class ClipSchedule(Map):
+    """Sets this iteration's clip range from the env steps sampled so far; reports it with the
+    KL coefficient in use."""
 
-    def __init__(self, workers: WorkerSet, config: PPOConfig, state: dict):
-        self.workers, self.config, self.state = workers, config, state
+    def __init__(self, config: PPOConfig, state: dict):
+        self.config, self.state = config, state
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
 
     def __call__(self, batch):
         steps = self.ctx.counters["num_env_steps_sampled"]
-        lr = schedule_value(self.config.lr_schedule, steps, self.config.lr)
-        self.workers.policy.set_lr(lr)
         self.state["clip_param"] = schedule_value(self.config.clip_param_schedule, steps, self.config.clip_param)
-        self.ctx.info.update(lr=lr, clip_param=self.state["clip_param"], kl_coeff=self.state["kl_coeff"])
+        self.ctx.info.update(clip_param=self.state["clip_param"], kl_coeff=self.state["kl_coeff"])
         return batch
 
 
@@ -112,8 +116,14 @@ class AdaptKL(Map):
         return stats
 
 
+INITIAL_ADAPTIVE_KL_COEFF = 0.2  # RLlib's default kl_coeff
+
+
 def build_ppo_plan(workers: WorkerSet, config: PPOConfig) -> Plan:
-    state = {"kl_coeff": config.kl_coeff, "clip_param": config.clip_param}
+    kl_coeff = config.kl_coeff
+    if config.kl_target is not None and kl_coeff == 0:
+        kl_coeff = INITIAL_ADAPTIVE_KL_COEFF
+    state = {"kl_coeff": kl_coeff, "clip_param": config.clip_param}
 
     def loss(policy, batch):
         return ppo_loss(policy, batch, config, state["clip_param"], state["kl_coeff"])
@@ -123,7 +133,8 @@ def build_ppo_plan(workers: WorkerSet, config: PPOConfig) -> Plan:
              .then(ComputeAdvantages(config.gamma, config.lambda_)))
     if config.normalize_advantages:
         train = train.then(StandardizeFields(["advantages"]))
-    train = (train.then(Schedules(workers, config, state))
+    train = (train.then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
+             .then(ClipSchedule(config, state))
              .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
                                 seed=config.seed)))
     if config.kl_target is not None:

@@ -94,3 +94,20 @@ def test_vtrace_off_policy_clips_ratios():
     # vs1 = 1.4 ; vs0 = 1 + .9*1*1.4 = 2.26 ; pg0 = 1 + .9*1.4 = 2.26 ; pg1 = .5*(1 + .9*2) = 1.4
     np.testing.assert_allclose(vs, [2.26, 1.4], atol=1e-6)
     np.testing.assert_allclose(pg, [2.26, 1.4], atol=1e-6)
+
+
+def test_vtrace_uses_rho_bar_for_deltas_and_advantages_and_c_bar_for_traces():
+    # pi/mu = [2, 0.5, 1.2] with rho_bar = 1.5, c_bar = 0.8: rho = [1.5, 0.5, 1.2], c = [0.8, 0.5, 0.8].
+    # r = [1, 2, 3], V = [0.5, 1, 1.5], truncated after row 2 with V(s_3) = 2, gamma 0.9.
+    ratios = np.array([2.0, 0.5, 1.2])
+    behaviour = np.log([0.4, 0.4, 0.5])
+    target = behaviour + np.log(ratios)
+    rewards, values, next_values = np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.0, 1.5]), np.array([1.0, 1.5, 2.0])
+    vs, pg = vtrace(behaviour, target, rewards, values, next_values, np.zeros(3, bool), np.array([False, False, True]),
+                    0.9, rho_clip=1.5, c_clip=0.8)
+    # TD errors r + 0.9 V(s') - V = 1.4, 2.35, 3.3 ; delta = rho * TD = 2.1, 1.175, 3.96
+    # vs - V: 3.96 ; 1.175 + 0.9 * 0.5 * 3.96 = 2.957 ; 2.1 + 0.9 * 0.8 * 2.957 = 4.22904
+    np.testing.assert_allclose(vs, [0.5 + 4.22904, 1.0 + 2.957, 1.5 + 3.96], atol=1e-5)
+    # pg = rho (r + 0.9 vs_{t+1} - V), vs_3 = V(s_3) = 2:
+    #   1.5 (1 + 0.9 * 3.957 - 0.5) = 6.09195 ; 0.5 (2 + 0.9 * 5.46 - 1) = 2.957 ; 1.2 (3 + 1.8 - 1.5) = 3.96
+    np.testing.assert_allclose(pg, [6.09195, 2.957, 3.96], atol=1e-5)

@@ -9,6 +9,7 @@ from flowrl.envs import EnvError, make_vector_env
 from flowrl.operators import trajectory_ends
 from flowrl.policy import TorchPolicy, obs_to_array, register_model
 from flowrl.rollout import RolloutWorker
+from flowrl.testing import same_experience
 
 
 class CountdownEnv(gym.Env):
@@ -89,7 +90,7 @@ def test_batch_has_the_standard_columns_and_spaces():
 def test_same_seed_same_batches():
     a = RolloutWorker("CartPole-v1", num_envs_per_worker=2, rollout_fragment_length=20, seed=3).sample()
     b = RolloutWorker("CartPole-v1", num_envs_per_worker=2, rollout_fragment_length=20, seed=3).sample()
-    assert a == b
+    assert same_experience(a, b)   # eps_id aside: each worker instance draws a random base for its ids
 
 
 @pytest.mark.parametrize("vectorization", ["sync", "async"])
