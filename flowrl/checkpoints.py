@@ -3,26 +3,34 @@ progress as JSON. Nothing read from disk is unpickled."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from flowrl.planfile import ExperimentError
 
 
-def save_checkpoint(run_dir: Path, plan, workers) -> Path:
-    """checkpoints/checkpoint_NNNNNN/: model.pt, optimizer.pt (tensors, loaded with
-    weights_only=True), progress.json. Written to a temporary directory, then renamed."""
+def save_checkpoint(run_dir: Path, plan, workers, describe: dict[str, Any] | None = None) -> Path:
+    """run_dir/checkpoints/checkpoint_NNNNNN/, as `write_checkpoint` writes it."""
+    name = f"checkpoint_{plan.progress_state()['training_iteration']:06d}"
+    return write_checkpoint(Path(run_dir) / "checkpoints" / name, plan, workers, describe)
+
+
+def write_checkpoint(final: Path, plan, workers, describe: dict[str, Any] | None = None) -> Path:
+    """`final`/: model.pt, optimizer.pt (tensors, loaded with weights_only=True), progress.json,
+    and algorithm.json (`describe`: plan, env and config, so that a checkpoint saved anywhere
+    restores without its run directory). Written to a temporary directory beside it, then
+    renamed over it."""
     policy = workers.policy
     progress = plan.progress_state()
-    name = f"checkpoint_{progress['training_iteration']:06d}"
-    root = run_dir / "checkpoints"
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(policy.model.state_dict(), tmp / "model.pt")
@@ -30,24 +38,60 @@ def save_checkpoint(run_dir: Path, plan, workers) -> Path:
     target = getattr(policy, "target_model", None)
     if target is not None:
         torch.save(target.state_dict(), tmp / "target_model.pt")
+    buffer = getattr(plan, "replay_buffer", None)  # off-policy plans with checkpoint_replay_buffer: true
+    if buffer is not None:
+        buffer.save(tmp / "replay_buffer.npz")  # numpy arrays only; loaded with allow_pickle=False
     progress["weights_version"] = policy.weights_version
     (tmp / "progress.json").write_text(json.dumps(progress))
-    final = root / name
+    if describe is not None:
+        (tmp / "algorithm.json").write_text(json.dumps(describe, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
 
-def latest_checkpoint(path: Path) -> Path:
-    """The checkpoint directory itself, or the newest one under a run directory."""
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run directory, oldest first (by iteration, not by name)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for path in root.glob("checkpoint_*") if root.is_dir() else ():
+        suffix = path.name[len("checkpoint_"):]
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def is_checkpoint_dir(path: Path) -> bool:
     path = Path(path)
-    if (path / "model.pt").is_file():
+    return (path / "model.pt").is_file() or (path.name.startswith("checkpoint_") and path.parent.name == "checkpoints")
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """The checkpoint directory itself, or the newest one under a run directory (unread)."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
         return path
-    candidates = sorted((path / "checkpoints").glob("checkpoint_*")) if (path / "checkpoints").is_dir() else []
+    candidates = checkpoint_dirs(path)
     if not candidates:
         raise ExperimentError(f"{path}: no checkpoint found (expected checkpoints/checkpoint_*/model.pt)")
     return candidates[-1]
+
+
+def newest_readable(run_dir: Path, read: Callable[[Path], Any]) -> tuple[Path, Any, ExperimentError | None]:
+    """The newest checkpoint of `run_dir` that `read` reads, what it read, and why the newer ones
+    could not be read (the newest's error; None when the newest was readable)."""
+    candidates = checkpoint_dirs(run_dir)
+    if not candidates:
+        raise ExperimentError(f"{run_dir}: no checkpoint found (expected checkpoints/checkpoint_*/model.pt)")
+    newest_error = None
+    for checkpoint in reversed(candidates):
+        try:
+            return checkpoint, read(checkpoint), newest_error
+        except ExperimentError as e:
+            newest_error = newest_error or e
+    older = "no older checkpoint is readable either" if len(candidates) > 1 else "there is no older checkpoint"
+    raise ExperimentError(f"{newest_error}; {older}")
 
 
 def _load_tensors(path: Path) -> Any:
@@ -59,24 +103,71 @@ def _load_tensors(path: Path) -> Any:
         raise ExperimentError(f"{path}: cannot be read as a tensor checkpoint ({type(e).__name__}: {e})") from None
 
 
-def restore_checkpoint(checkpoint: Path, plan, workers) -> None:
-    policy = workers.policy
-    try:
-        policy.model.load_state_dict(_load_tensors(checkpoint / "model.pt"))
-        policy.optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt"))
-    except (RuntimeError, ValueError, KeyError) as e:
-        if isinstance(e, ExperimentError):
-            raise
-        raise ExperimentError(f"{checkpoint}: does not fit this plan's model ({str(e).splitlines()[0]})") from None
-    try:
-        progress = json.loads((checkpoint / "progress.json").read_text())
-        policy.weights_version = int(progress["weights_version"])
-        plan.restore_progress(progress)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExperimentError(f"{checkpoint / 'progress.json'}: unreadable ({type(e).__name__}: {e})") from None
-    if (checkpoint / "target_model.pt").is_file():
-        import copy
+@dataclasses.dataclass
+class CheckpointState:
+    """Everything a checkpoint holds, read and checked, before any of it is applied."""
+    path: Path
+    tensors: dict[str, Any]  # file stem ("model", "optimizer", "target_model", ...) -> state dict
+    progress: dict[str, Any]
 
-        policy.target_model = copy.deepcopy(policy.model).requires_grad_(False)
-        policy.target_model.load_state_dict(_load_tensors(checkpoint / "target_model.pt"))
+
+def read_checkpoint(checkpoint: Path) -> CheckpointState:
+    """Read every file of a checkpoint; an unreadable or missing one raises ExperimentError naming it."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise ExperimentError(f"{checkpoint}: no such checkpoint directory")
+    tensors = {"model": _load_tensors(checkpoint / "model.pt"), "optimizer": _load_tensors(checkpoint / "optimizer.pt")}
+    for path in sorted(checkpoint.glob("*.pt")):
+        if path.stem not in tensors:
+            tensors[path.stem] = _load_tensors(path)
+    path = checkpoint / "progress.json"
+    try:
+        progress = json.loads(path.read_text())
+        int(progress["weights_version"]), int(progress["training_iteration"]), float(progress["time_total_s"])
+        if not (isinstance(progress["counters"], dict) and isinstance(progress["episodes"], list)
+                and isinstance(progress["state"], dict)):
+            raise TypeError("counters, episodes or state of the wrong type")
+    except FileNotFoundError:
+        raise ExperimentError(f"{path}: missing from the checkpoint") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return CheckpointState(checkpoint, tensors, progress)
+
+
+def load_policy_state(state: CheckpointState, policy) -> None:
+    """Model, optimizer and target network from a checkpoint into `policy`; one that does not fit
+    the policy's model raises ExperimentError. The plan's progress is restored apart, once it runs."""
+    checkpoint = state.path
+    try:
+        policy.model.load_state_dict(state.tensors["model"])
+        policy.optimizer.load_state_dict(state.tensors["optimizer"])
+        if "target_model" in state.tensors:
+            if getattr(policy, "target_model", None) is None:  # made on first use; SAC's (its critics) exists
+                import copy
+
+                policy.target_model = copy.deepcopy(policy.model).requires_grad_(False)
+            policy.target_model.load_state_dict(state.tensors["target_model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentError(f"{checkpoint}: does not fit this plan's model ({str(e).splitlines()[0]})") from None
+    policy.weights_version = int(state.progress["weights_version"])
+
+
+def restore_progress(state: CheckpointState, plan, workers) -> None:
+    """Counters, iteration and plan state from a checkpoint (and the replay buffer's rows when the
+    plan keeps them in its checkpoints), then the weights to every worker."""
+    plan.restore_progress(state.progress)
+    buffer, path = getattr(plan, "replay_buffer", None), state.path / "replay_buffer.npz"
+    if buffer is not None and path.is_file():
+        import zipfile
+
+        try:
+            buffer.load(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     workers.sync_weights()
+
+
+def restore_checkpoint(checkpoint: Path, plan, workers) -> None:
+    state = read_checkpoint(checkpoint)
+    load_policy_state(state, workers.policy)
+    restore_progress(state, plan, workers)

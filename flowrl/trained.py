@@ -3,28 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from flowrl.checkpoints import _load_tensors, latest_checkpoint
-from flowrl.planfile import ExperimentError
-from flowrl.policy import TorchPolicy
+from flowrl.checkpoints import _load_tensors, is_checkpoint_dir, newest_readable
+from flowrl.planfile import ExperimentError, FlowrlWarning
+from flowrl.policy import TorchPolicy, make_policy
 
 
 def read_run_config(run_dir: Path) -> tuple[str, str, dict[str, Any]]:
+    return _read_run_yaml(run_dir)[:3]
+
+
+def _read_run_yaml(run_dir: Path) -> tuple[str, str, dict[str, Any], str]:
     path = Path(run_dir) / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text())
         (name, spec), = data.items()
-        return spec["env"], spec["plan"], spec["config"]
+        return spec["env"], spec["plan"], spec["config"], str(name)
     except FileNotFoundError:
         raise ExperimentError(f"{path}: missing; is {run_dir} a flowrl run directory?") from None
     except (yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ExperimentError(f"{path}: malformed run config ({type(e).__name__}: {e})") from None
+
+
+def run_description(checkpoint: Path) -> tuple[str | None, str, dict[str, Any], str]:
+    """The env, plan, config and experiment name a checkpoint was trained with: its algorithm.json
+    (a checkpoint saved anywhere by Algorithm.save describes itself), else its run directory's
+    config.yaml."""
+    path = Path(checkpoint) / "algorithm.json"
+    if not path.is_file():
+        return _read_run_yaml(Path(checkpoint).parent.parent)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data["config"], dict) or not isinstance(data["plan"], str):
+            raise TypeError("plan or config of the wrong type")
+        return data["env"], data["plan"], data["config"], str(data["name"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 class TrainedPolicy:
@@ -34,10 +56,11 @@ class TrainedPolicy:
     action = policy.compute_action(obs)
     """
 
-    def __init__(self, policy: TorchPolicy, env: str, env_config: dict[str, Any]):
+    def __init__(self, policy: TorchPolicy, env: str, env_config: dict[str, Any], checkpoint: Path | None = None):
         self.policy = policy
         self.env = env
         self.env_config = env_config
+        self.checkpoint = checkpoint  # the checkpoint directory it was loaded from
 
     def compute_action(self, obs: Any, explore: bool = False) -> Any:
         from flowrl.policy import obs_to_array
@@ -54,25 +77,74 @@ class TrainedPolicy:
         return evaluate_policy(self.policy, self.env, self.env_config, episodes, seed)
 
 
+def resolve_run_path(path: str | os.PathLike) -> Path:
+    """A run or checkpoint directory as given; an experiment directory (runs/<experiment>/, holding
+    timestamped runs) stands for its `latest` run."""
+    path = Path(path)
+    if not path.exists():
+        raise ExperimentError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ExperimentError(f"{path}: not a directory; expected a run, checkpoint or experiment directory")
+    if is_checkpoint_dir(path) or (path / "config.yaml").is_file():
+        return path
+    if (path / "latest" / "config.yaml").is_file():
+        return path / "latest"
+    runs = sorted(p.name for p in path.iterdir() if p.name != "latest" and (p / "config.yaml").is_file())
+    if runs:
+        raise ExperimentError(f"{path}: an experiment directory without a `latest` run; give one of its runs, "
+                              f"such as {path / runs[-1]}")
+    return path  # not a run directory: the search for checkpoints says so
+
+
+def _read_model(checkpoint: Path) -> Any:
+    return _load_tensors(checkpoint / "model.pt")
+
+
 def load_policy(path: str | os.PathLike) -> TrainedPolicy:
-    """The trained policy in a run directory (its newest checkpoint) or a checkpoint directory."""
+    """The trained policy in a run directory (its newest readable checkpoint, with a warning when
+    a newer one cannot be read), a checkpoint directory, or an experiment directory (its `latest`)."""
     from flowrl.envs import make_vector_env
 
-    checkpoint = latest_checkpoint(Path(path))
-    run_dir = checkpoint.parent.parent
-    env, _, config = read_run_config(run_dir)
+    path = resolve_run_path(path)
+    if is_checkpoint_dir(path):
+        checkpoint, state = path, _read_model(path)
+        run_dir = checkpoint.parent.parent
+    else:
+        checkpoint, state, skipped = newest_readable(path, _read_model)
+        if skipped is not None:
+            warnings.warn(f"{skipped}; using the newest readable checkpoint, {checkpoint}", FlowrlWarning,
+                          stacklevel=2)
+        run_dir = path
+    env, plan_name, config, _ = run_description(checkpoint)
     if env is None:
         raise ExperimentError(f"{run_dir}: the run trained from a dataset without naming an env; there is nothing "
                               "to evaluate it in")
     vec = make_vector_env(env, 1, config.get("env_config") or {})
-    policy = TorchPolicy(vec.single_observation_space, vec.single_action_space, config.get("model"), seed=0)
+    policy_class, options = run_policy_spec(run_dir, plan_name, config)
+    policy = make_policy(policy_class, vec.single_observation_space, vec.single_action_space, model=config.get("model"),
+                         seed=0, **options)
     vec.close()
     try:
-        policy.model.load_state_dict(_load_tensors(checkpoint / "model.pt"))
+        policy.model.load_state_dict(state)
     except RuntimeError as e:
         raise ExperimentError(f"{checkpoint / 'model.pt'}: does not fit the run's model ({str(e).splitlines()[0]})") \
             from None
-    return TrainedPolicy(policy, env, config.get("env_config") or {})
+    return TrainedPolicy(policy, env, config.get("env_config") or {}, checkpoint)
+
+
+def run_policy_spec(run_dir: Path, plan_name: str, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The policy class a run trained (QPolicy for DQN, ...) and its options, from its config."""
+    from flowrl.config import ConfigError, parse_config
+    from flowrl.plans import resolve_plan
+
+    try:
+        spec = resolve_plan(plan_name)
+    except ValueError:
+        return "TorchPolicy", {}  # a user's plan that no longer imports: plans of their own use the default policy
+    try:
+        return parse_config(spec.config_class, config).policy_spec()
+    except ConfigError as e:
+        raise ExperimentError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 
 
 def plan_defaults() -> dict[str, dict[str, Any]]:
