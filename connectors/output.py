@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flowrl.config import OUTPUT_COMPRESSIONS
-from flowrl.sample_batch import EPISODES_KEY, SampleBatch
+from flowrl.sample_batch import SUMMARY_KEYS, SampleBatch
 
 # RLlib's new-stack column names; other columns (vf_preds, weights_version, ...) stay in memory.
 OUTPUT_COLUMNS = ("eps_id", "obs", "actions", "rewards", "new_obs", "terminateds", "truncateds", "action_logp", "t")
@@ -36,7 +36,7 @@ _file_counter = itertools.count()
 
 def portable_record_batch(rb: pa.RecordBatch) -> pa.RecordBatch:
     """`rb` with bool8 columns as plain Arrow booleans (every reader knows them) and without
-    the per-batch episode metadata."""
+    the per-batch summary metadata (episodes, env faults)."""
     arrays, fields = [], []
     for field, column in zip(rb.schema, rb.columns):
         if isinstance(field.type, pa.Bool8Type):
@@ -44,7 +44,7 @@ def portable_record_batch(rb: pa.RecordBatch) -> pa.RecordBatch:
             field = pa.field(field.name, pa.bool_(), nullable=False, metadata=field.metadata)
         arrays.append(column)
         fields.append(field)
-    metadata = {k: v for k, v in (rb.schema.metadata or {}).items() if k != EPISODES_KEY}
+    metadata = {k: v for k, v in (rb.schema.metadata or {}).items() if k not in SUMMARY_KEYS}
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=metadata))
 
 

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import collections
 import inspect
+import math
 import os
+import re
+import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,12 +38,67 @@ if TYPE_CHECKING:
     from flowrl.plan import PlanContext
 
 
+# ---- errors ----------------------------------------------------------------------------------
+class RunError(RuntimeError):
+    """A run cannot go on. The message is one line meant for the user, and `exit_code` is what
+    `flowrl run` exits with: 1 for a fault while running (a checkpoint is written first), 2
+    for a request that cannot be met (a cluster that cannot be joined, actors that cannot start
+    or be placed)."""
+
+    exit_code = 1
+
+
 class ActorDiedError(RuntimeError):
     """An actor's process is gone; the actor set replaces it."""
 
 
-class ActorRestartLimitError(RuntimeError):
+class ActorFaultError(RunError):
+    """Raised by an actor's method when the actor cannot go on although its process lives (its
+    env raised, say). On Ray the actor set replaces the actor like a dead one, counting it in
+    the plan counter named by `counter`; an actor in the calling process stops the run."""
+
+    counter = "num_actor_faults"
+
+
+class ActorFailedError(ActorDiedError):
+    """A remote actor raised an ActorFaultError (kept in `fault`); it is replaced as if dead."""
+
+    def __init__(self, fault: ActorFaultError):
+        self.fault = fault
+        super().__init__(str(fault))
+
+
+class ActorRestartLimitError(RunError):
     """An actor set replaced more dead actors than its `max_restarts` allows."""
+
+
+class ActorStartError(RunError):
+    """An actor's constructor raised. Not a dead actor: starting it again would fail again."""
+
+    exit_code = 2
+
+
+class ActorPlacementError(RunError):
+    """The cluster has not the resources for the actors asked for, or did not place them in time."""
+
+    exit_code = 2
+
+
+class ClusterConnectError(RunError):
+    """The Ray cluster at the given address cannot be joined."""
+
+    exit_code = 2
+
+
+def find_run_error(error: BaseException | None) -> RunError | None:
+    """The RunError behind `error` (an OperatorError holds its operator's error), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RunError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "original", None) or error.__cause__
+    return None
 
 
 # ---- executors -------------------------------------------------------------------------------
@@ -73,6 +133,18 @@ class Executor:
     def kill(self, handle: Any, wait: bool = False) -> None:
         """End an actor; with `wait`, return only once it is seen dead."""
         raise NotImplementedError
+
+    def reserve(self, name: str, num_actors: int, num_cpus: float) -> None:
+        """Claim CPUs for `num_actors` actors of `num_cpus` each before they are created;
+        raises ActorPlacementError when the executor could never place them all."""
+
+    def release(self, num_actors: int, num_cpus: float) -> None:
+        """Give back what `reserve` claimed."""
+
+    def wait_ready(self, handles: dict[str, Any], num_cpus: float, timeout_s: float) -> None:
+        """Wait until the actors (by label) have been placed and constructed: ActorStartError
+        when a constructor raised, ActorPlacementError after `timeout_s`. Local actors are
+        built when created, so there is nothing to wait for."""
 
     def __enter__(self):
         self.start()
@@ -130,16 +202,20 @@ class LocalExecutor(Executor):
 class RayExecutor(Executor):
     """Actors are Ray actors. Joins the cluster at `address` when given (or one already
     initialized in this process); otherwise starts a local Ray with `num_cpus` and no dashboard,
-    and shuts it down on `close()`."""
+    and shuts it down on `close()`. Joining gives up after `connect_timeout_s` (default: the
+    environment's FLOWRL_CONNECT_TIMEOUT_S, else 30 s) with one line saying why."""
 
     name = "ray"
     concurrent = True
 
-    def __init__(self, num_cpus: int | None = None, address: str | None = None, quiet: bool = True):
+    def __init__(self, num_cpus: int | None = None, address: str | None = None, quiet: bool = True,
+                 connect_timeout_s: float | None = None):
         self.num_cpus = num_cpus
         self.address = address
         self.quiet = quiet
+        self.connect_timeout_s = connect_timeout_s
         self._started_ray = False
+        self._reserved_cpus = 0.0  # what the actor sets started here have claimed
 
     def start(self) -> bool:
         import ray
@@ -159,10 +235,9 @@ class RayExecutor(Executor):
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
                                   "log_to_driver": not self.quiet}
         if self.address:
-            kwargs["address"] = self.address
+            join_cluster(self.address, connect_timeout(self.connect_timeout_s), **kwargs)
         else:
-            kwargs["num_cpus"] = self.num_cpus or os.cpu_count()
-        ray.init(**kwargs)
+            ray.init(num_cpus=self.num_cpus or os.cpu_count(), **kwargs)
         self._started_ray = True
         return True
 
@@ -176,12 +251,53 @@ class RayExecutor(Executor):
     def create_actor(self, cls, args, kwargs, num_cpus):
         import ray
 
-        available = ray.cluster_resources().get("CPU", 0)
-        if num_cpus > available:
-            raise ValueError(f"an actor of {cls.__name__} asks for {num_cpus} CPUs but the Ray cluster has "
-                             f"{available:g}; lower num_cpus_per_actor or add nodes")
         remote_cls = ray.remote(cls) if not hasattr(cls, "remote") else cls
         return remote_cls.options(num_cpus=num_cpus, max_restarts=0, max_task_retries=0).remote(*args, **kwargs)
+
+    def reserve(self, name, num_actors, num_cpus):
+        import ray
+
+        # Ray would queue actors it cannot place and wait for ever: refuse up front what the
+        # cluster could never hold, counting the actors this executor has started already.
+        asked = num_actors * num_cpus
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if asked and self._reserved_cpus + asked > total + 1e-9:
+            held = f" besides the {self._reserved_cpus:g} its other actors hold" if self._reserved_cpus else ""
+            raise ActorPlacementError(
+                f"{num_actors} {name} actor{'s' if num_actors != 1 else ''} x {num_cpus:g} CPU = {asked:g} CPUs "
+                f"asked for{held}, but the Ray cluster has {total:g} CPUs; lower num_workers or "
+                "num_cpus_per_worker, or join a bigger cluster with --address")
+        self._reserved_cpus += asked
+
+    def release(self, num_actors, num_cpus):
+        self._reserved_cpus = max(0.0, self._reserved_cpus - num_actors * num_cpus)
+
+    def wait_ready(self, handles, num_cpus, timeout_s):
+        import ray
+        from ray.exceptions import RayActorError
+
+        pending = {handle.__ray_ready__.remote(): label for label, handle in handles.items()}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            # Short waits keep Ctrl-C responsive.
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.0, min(0.5, left)),
+                                fetch_local=False)
+            for ref in ready:
+                label = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise ActorStartError(_start_failure(label, e)) from None
+                    # Died for another reason (its node went away): its first call replaces it.
+            if pending and left <= 0:
+                total = ray.cluster_resources().get("CPU", 0.0)
+                free = ray.available_resources().get("CPU", 0.0)
+                raise ActorPlacementError(
+                    f"{', '.join(pending.values())} not placed after {timeout_s:g} s: each asks for {num_cpus:g} "
+                    f"CPU; the Ray cluster has {total:g} CPUs, {free:g} free now (others hold the rest); free "
+                    "them, lower num_workers or num_cpus_per_worker, or raise actor_start_timeout_s")
 
     def submit(self, handle, method, args, kwargs):
         return getattr(handle, method).remote(*args, **kwargs)
@@ -206,6 +322,10 @@ class RayExecutor(Executor):
         except RayActorError as e:
             raise ActorDiedError(str(e).splitlines()[0]) from None
         except RayTaskError as e:
+            if isinstance(e.cause, ActorFaultError):
+                raise ActorFailedError(e.cause) from None
+            if isinstance(e.cause, RunError):
+                raise e.cause from None  # a one-line message says it all
             # Re-raise the remote exception as its own type; its text carries the remote traceback.
             raise e.as_instanceof_cause() from None
 
@@ -225,8 +345,182 @@ class RayExecutor(Executor):
             time.sleep(0.02)
 
 
+def _start_failure(label: str, error: BaseException) -> str:
+    """One line from Ray's report of a constructor that raised: the exception (the last line of
+    the remote traceback) and the node it ran on."""
+    text = _ANSI.sub("", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    node = re.search(r"\bip=([^,)\s]+)", text)
+    cause = lines[-1] if lines else "unknown error"
+    hint = ("; code named module:Class must be importable on every node (ship it with Ray's runtime_env, "
+            "py_modules or working_dir)") if "No module named" in cause or "cannot load entry point" in cause else ""
+    return f"{label} could not start on node {node.group(1) if node else '?'}: {cause}{hint}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+# ---- joining a Ray cluster -------------------------------------------------------------------
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+_JOIN_HINT = ("check the address (`ray start --head` prints it; `ray status` on a node shows it) and that the "
+              "head runs, or use --address auto on a node of the cluster")
+_TOKEN_HINT = ("copy the cluster's token (`ray get-auth-token` on the head) into ~/.ray/auth_token, or set "
+               "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+
+
+def connect_timeout(seconds: float | None = None) -> float:
+    """`seconds`, else FLOWRL_CONNECT_TIMEOUT_S from the environment, else 30."""
+    if seconds is None:
+        text = os.environ.get("FLOWRL_CONNECT_TIMEOUT_S")
+        if not text:
+            return DEFAULT_CONNECT_TIMEOUT_S
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ClusterConnectError(f"FLOWRL_CONNECT_TIMEOUT_S={text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise ClusterConnectError(f"the connect timeout must be > 0 seconds, got {seconds:g}")
+    return float(seconds)
+
+
+def local_auth_token() -> str | None:
+    """Where a Ray authentication token is found on this machine, in the order Ray reads them
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return path if os.path.isfile(os.path.expanduser(path)) else None
+    default = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return default if os.path.isfile(default) else None
+
+
+def _enable_token_auth(token: str | None) -> None:
+    """Ray (2.59+) turns token authentication on by itself only when it finds the cluster
+    (address "auto"); a driver joining host:port must ask for it, or the head refuses it."""
+    if token is None or "RAY_AUTH_MODE" in os.environ:
+        return  # no token, or the user chose the mode
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray caches its config; it refreshes it the same way when it turns token mode on
+    except (ImportError, AttributeError):
+        pass  # a Ray without token authentication ignores the variable
+
+
+def _unreachable(address: str, timeout_s: float) -> str | None:
+    """Why no TCP connection opens to host:port within `timeout_s`, or None when one does.
+    Ray itself retries a dead address for many minutes, deaf to Ctrl-C."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return "not a host:port address"
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        host = resolve_ip_for_localhost(host)  # as Ray does: a head binds the node's IP, not 127.0.0.1
+    except Exception:
+        pass
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except socket.gaierror:
+        return f"unknown host {host!r}"
+    except ConnectionRefusedError:
+        return f"connection refused at {host}:{port} (nothing listens there)"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout_s:g} s"
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+
+
+class _CapturedStderr:
+    """File descriptor 2 sent to a temporary file: while joining, Ray's C++ core logs a
+    warning there for every retry; they become the reason in one line instead."""
+
+    text = ""
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except (OSError, ValueError, AttributeError):
+            self._saved = None  # no file descriptor 2 to borrow: leave it be
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            return
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
+
+
+def join_cluster(address: str, timeout_s: float, **init_kwargs: Any) -> None:
+    """`ray.init(address=...)` that gives up within about `timeout_s` with a ClusterConnectError
+    naming the address, the reason and what to try, and that takes a local token along."""
+    import ray
+
+    direct = address not in ("auto", "local") and not address.startswith("ray://")
+    if direct:
+        reason = _unreachable(address, timeout_s)
+        if reason:
+            raise ClusterConnectError(f"cannot join the Ray cluster at {address}: {reason}; {_JOIN_HINT}")
+        _enable_token_auth(local_auth_token())
+    # Ray tries the GCS about once a second, this many times (its default is 20).
+    retries = "RAY_gcs_server_port_wait_time_s"
+    chosen = os.environ.get(retries)
+    if chosen is None:
+        os.environ[retries] = str(max(1, math.ceil(timeout_s)))
+    captured = _CapturedStderr()
+    outcome: dict[str, BaseException] = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, **init_kwargs)
+        except BaseException as e:
+            outcome["error"] = e
+
+    # In a thread, so that the wait is bounded and Ctrl-C is heard: a port that takes the TCP
+    # connection but never answers keeps ray.init's C++ client waiting for minutes.
+    joining = threading.Thread(target=init, name="ray-join", daemon=True)
+    try:
+        with captured:
+            joining.start()
+            deadline = time.monotonic() + timeout_s + 5  # Ray's own retries end first, with a reason
+            while joining.is_alive() and time.monotonic() < deadline:
+                joining.join(0.1)
+    finally:
+        if chosen is None:
+            os.environ.pop(retries, None)
+    if joining.is_alive():
+        raise ClusterConnectError(f"cannot join the Ray cluster at {address}: the port answers but no Ray GCS replied "
+                                  f"within {timeout_s:g} s; {_JOIN_HINT}")
+    error = outcome.get("error")
+    if error is not None:
+        if ray.is_initialized():
+            ray.shutdown()
+        if "InvalidAuthToken" in captured.text or "Unauthenticated" in captured.text:
+            token = local_auth_token()
+            given = f"the token from {token}" if token else "no token (none found on this machine)"
+            reason = f"the cluster uses token authentication and refused {given}; {_TOKEN_HINT}"
+        else:
+            lines = [line for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+            reason = f"{type(error).__name__}: {lines[0] if lines else 'no message'}; {_JOIN_HINT}"
+        raise ClusterConnectError(f"cannot join the Ray cluster at {address}: {reason}") from None
+    # Joined after all: what Ray said is news, not noise (but for its note that a thread other
+    # than the main one cannot set a SIGTERM handler).
+    news = [line for line in captured.text.splitlines(keepends=True) if line.strip()
+            and "SIGTERM handler is not set" not in line]
+    sys.stderr.write("".join(news))
+
+
 def make_executor(kind: str = "local", **kwargs: Any) -> Executor:
-    """An executor by name: "local" or "ray" (kwargs: num_cpus, address)."""
+    """An executor by name: "local" or "ray" (kwargs: num_cpus, address, connect_timeout_s)."""
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
@@ -241,13 +535,18 @@ class ActorSet:
     If `cls.__init__` takes an `actor_index` argument it receives `index_offset` + 0..N-1 (for
     seeding). A dead
     actor is replaced by a new one built with the same arguments, at most `max_restarts` times
-    in all; `on_replace` callbacks then run with the index (to resend weights, say), and
-    `on_start` callbacks run once the actors are created.
+    in all, and so is a Ray actor that raised an ActorFaultError (counted also in the plan
+    counter the error names); `on_replace` callbacks then run with the index (to resend
+    weights, say), and `on_start` callbacks run once the actors are created.
+
+    Starting checks that the executor can hold the actors at all, then waits up to
+    `start_timeout_s` for them to be placed and constructed; a constructor that raises stops
+    the plan with ActorStartError (it would only raise again if restarted).
     """
 
     def __init__(self, cls: type, num_actors: int, args: Sequence = (), kwargs: dict | None = None,
                  name: str | None = None, max_restarts: int = 3, num_cpus_per_actor: float = 1.0,
-                 index_offset: int = 0):
+                 index_offset: int = 0, start_timeout_s: float = 60.0):
         if num_actors < 0:
             raise ValueError("num_actors must be >= 0")
         self.cls = cls
@@ -258,7 +557,10 @@ class ActorSet:
         self.max_restarts = max_restarts
         self.num_cpus_per_actor = num_cpus_per_actor
         self.index_offset = index_offset
+        self.start_timeout_s = start_timeout_s
         self.num_restarts = 0
+        self._counters: collections.Counter | None = None  # the plan's, for faults
+        self._reserved = False
         self.on_replace: list[Callable[[int], None]] = []
         self.on_start: list[Callable[[], None]] = []
         self._executor: Executor | None = None
@@ -270,19 +572,31 @@ class ActorSet:
             self._pass_index = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def start(self, executor: Executor) -> None:
+    def start(self, executor: Executor, counters: collections.Counter | None = None) -> None:
         if self._executor is executor:
             return
         if self._executor is not None:
             raise RuntimeError(f"actor set {self.name!r} is already running on another plan")
         self._executor = executor
-        self._handles = [self._create(i) for i in range(self.num_actors)]
+        self._counters = counters
+        try:
+            executor.reserve(self.name, self.num_actors, self.num_cpus_per_actor)
+            self._reserved = True
+            self._handles = [self._create(i) for i in range(self.num_actors)]
+            self._wait_ready(range(self.num_actors))
+        except BaseException:
+            self.close()  # no actor left waiting for a place, or holding one
+            raise
         for callback in self.on_start:
             callback()
 
     def _create(self, index: int) -> Any:
         kwargs = dict(self.kwargs, actor_index=index + self.index_offset) if self._pass_index else self.kwargs
         return self._executor.create_actor(self.cls, self.args, kwargs, self.num_cpus_per_actor)
+
+    def _wait_ready(self, indices) -> None:
+        handles = {f"{self.name} actor {i + self.index_offset}": self._handles[i] for i in indices}
+        self._executor.wait_ready(handles, self.num_cpus_per_actor, self.start_timeout_s)
 
     @property
     def started(self) -> bool:
@@ -302,6 +616,9 @@ class ActorSet:
                 self._executor.kill(handle)
             except Exception:
                 pass
+        if self._reserved:
+            self._executor.release(self.num_actors, self.num_cpus_per_actor)
+            self._reserved = False
         self._handles = []
         self._executor = None
 
@@ -317,8 +634,8 @@ class ActorSet:
         while True:
             try:
                 return self.executor.get(ref)
-            except ActorDiedError:
-                self.replace(index)
+            except ActorDiedError as e:
+                self.replace(index, e)
                 ref = self.submit(index, method, *args, **(kwargs or {}))
 
     def foreach(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
@@ -335,10 +652,15 @@ class ActorSet:
         for i in range(self.num_actors):
             self.submit(i, method, *args, **kwargs)
 
-    def replace(self, index: int) -> None:
+    def replace(self, index: int, error: ActorDiedError | None = None) -> None:
+        """A new actor in place of actor `index`, which died (or failed: `error` says which)."""
+        fault = error.fault if isinstance(error, ActorFailedError) else None
+        if fault is not None and self._counters is not None:
+            self._counters[fault.counter] += 1
         if self.num_restarts >= self.max_restarts:
+            what = f"failed ({fault})" if fault is not None else "died"
             raise ActorRestartLimitError(
-                f"actor set {self.name!r}: actor {index} died and {self.num_restarts} restarts already "
+                f"{self.name} actor {index + self.index_offset} {what} and {self.num_restarts} restarts already "
                 f"reached max_restarts={self.max_restarts}")
         try:
             self.executor.kill(self._handles[index])
@@ -346,6 +668,7 @@ class ActorSet:
             pass
         self.num_restarts += 1
         self._handles[index] = self._create(index)
+        self._wait_ready([index])
         for callback in self.on_replace:
             callback(index)
 
@@ -394,7 +717,7 @@ class _ActorSource(Stream):
                 yield from self._round_robin()
             else:
                 yield from self._as_ready(ctx)
-        except (OperatorError, ActorRestartLimitError):
+        except (OperatorError, RunError):
             raise
         except Exception as e:
             raise OperatorError(self.name, e) from e
@@ -438,12 +761,12 @@ class _ActorSource(Stream):
             del owner[ref]
             try:
                 item = executor.get(ref)
-            except ActorDiedError:
+            except ActorDiedError as e:
                 # Every call still in flight on the dead actor fails too; drop them all.
                 for other in pending[index]:
                     del owner[other]
                 pending[index].clear()
-                self.actors.replace(index)
+                self.actors.replace(index, e)
                 for _ in range(self.max_in_flight):
                     call(index)
                 continue

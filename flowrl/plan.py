@@ -70,7 +70,7 @@ class PlanContext:
     def start_actors(self, actors: ActorSet) -> None:
         with self._lock:
             if actors not in self._actor_sets:
-                actors.start(self.executor)
+                actors.start(self.executor, self.counters)
                 self._actor_sets.append(actors)
 
     def register_thread(self, pump: Any) -> None:

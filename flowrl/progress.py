@@ -18,8 +18,15 @@ def progress_line(name: str, r: dict[str, Any]) -> str:
     ret_text = f"{ret:8.2f}" if ret is not None else "     n/a"
     evaluation = r.get("evaluation")
     eval_text = f" | eval {evaluation['episode_return_mean']:8.2f}" if isinstance(evaluation, dict) else ""
+    # A plan with a replay buffer says what its columns take in its first result.
+    memory = r.get("replay_buffer_bytes")
+    memory_text = f" | replay buffer {memory / 1e6:,.1f} MB" if memory is not None else ""
+    # A plan fed by external clients (input: external) says where its policy server listens.
+    address = r.get("external_address")
+    address_text = f" | serving clients at {address}" if address else ""
     return (f"{name} | iter {r['training_iteration']:5d} | steps {r['timesteps_total']:>10,} | return {ret_text}"
-            f"{eval_text} | {r['env_steps_per_s']:>9,.0f} steps/s | {_clock(r['time_total_s'])}")
+            f"{eval_text} | {r['env_steps_per_s']:>9,.0f} steps/s | {_clock(r['time_total_s'])}{memory_text}"
+            f"{address_text}")
 
 
 class Progress:
@@ -50,18 +57,21 @@ class Progress:
 
 
 class _GracefulInterrupt:
-    """The first Ctrl-C asks the run to stop after the current iteration (checkpoint, clean
-    close); a second one interrupts at once."""
+    """Once `armed` (an iteration has ended), the first Ctrl-C asks the run to stop after the
+    current iteration (checkpoint, clean close) and a second one interrupts at once. Before
+    that there is nothing to save, and waiting could mean waiting on actors that never start:
+    the first Ctrl-C interrupts at once."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
         self.requested = False
         self.forced = False
+        self.armed = False
         self.previous = None
 
     def _handle(self, signum, frame):
-        if self.requested:
-            self.forced = True
+        if self.requested or not self.armed:
+            self.forced = self.requested
             raise KeyboardInterrupt
         self.requested = True
         self.progress.finish("Ctrl-C: stopping after this iteration (Ctrl-C again to stop now)")

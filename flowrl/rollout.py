@@ -20,9 +20,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.envs import make_vector_env
+from flowrl.envs import FAULT_INFO_KEY, EnvFaultError, describe_error, make_vector_env
 from flowrl.executors import ActorSet
-from flowrl.policy import TorchPolicy, obs_to_array
+from flowrl.policy import TorchPolicy, make_policy, obs_to_array
 from flowrl.sample_batch import SampleBatch
 
 _COLUMNS = ("obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "eps_id", "t",
@@ -47,10 +47,13 @@ class RolloutWorker:
                  env_config: dict[str, Any] | None = None, vectorization: str = "auto",
                  model: dict[str, Any] | None = None, seed: int | None = None, lr: float = 3e-4,
                  actor_index: int = 0, sample: bool = True, num_threads: int | None = 1,
-                 observation_space: gym.Space | None = None, action_space: gym.Space | None = None):
+                 observation_space: gym.Space | None = None, action_space: gym.Space | None = None,
+                 policy: str = "TorchPolicy", policy_config: dict[str, Any] | None = None,
+                 restart_failed_sub_environments: bool = False):
         if num_threads:
             torch.set_num_threads(num_threads)  # one thread per worker: workers share the cores
         self.index = actor_index
+        self.env_name = env
         self.fragment_length = rollout_fragment_length
         self.seed = worker_seed(seed, actor_index)
         if env is None:
@@ -60,13 +63,15 @@ class RolloutWorker:
             self.env = None
             self.observation_space, self.action_space = observation_space, action_space
         else:
-            self.env = make_vector_env(env, num_envs_per_worker if sample else 1, env_config, vectorization)
+            self.env = make_vector_env(env, num_envs_per_worker if sample else 1, env_config, vectorization,
+                                       restart_failed_sub_environments)
             self.observation_space = self.env.single_observation_space
             self.action_space = self.env.single_action_space
         # Every copy of the policy starts from the same weights (the base seed); each worker
         # samples actions from its own seed.
-        self.policy = TorchPolicy(self.observation_space, self.action_space, model, seed=seed, lr=lr,
-                                  sample_seed=self.seed)
+        # `policy` names the class (flowrl.policy.POLICY_CLASSES), `policy_config` its own options.
+        self.policy = make_policy(policy, self.observation_space, self.action_space, model=model, seed=seed, lr=lr,
+                                  sample_seed=self.seed, **(policy_config or {}))
         self.spaces = {"obs": self.observation_space, "new_obs": self.observation_space,
                        "actions": self.action_space}
         if not sample:
@@ -75,10 +80,24 @@ class RolloutWorker:
             self.env = None
             return
         n = self.env.num_envs
-        obs, _ = self.env.reset(seed=self.seed)
+        try:
+            obs, infos = self.env.reset(seed=self.seed)
+        except Exception as e:
+            raise self._env_fault(e, "while resetting") from e
         self._obs = obs_to_array(self.observation_space, obs)
+        if self._obs.dtype.kind == "f" and not np.isfinite(self._obs).all():
+            raise EnvFaultError(f"worker {self.index}: env {env!r} gave NaN or inf in its first observation")
+        # Sub-envs made anew (restart_failed_sub_environments) and not yet reported in a batch.
+        self._env_faults = int(np.sum(infos.get("_" + FAULT_INFO_KEY, 0)))
+        self._num_steps = 0  # of the vector env, for error messages
+        box = isinstance(self.observation_space, gym.spaces.Box)
+        self._obs_shape = self.observation_space.shape if box else None
         # Per sub-env state of the episode in progress.
-        self._episode_number = np.zeros(n, dtype=np.int64)  # eps_id = (index << 40) + number * n + env
+        self._episode_number = np.zeros(n, dtype=np.int64)  # eps_id = base + number * n + env
+        # A random base per worker instance, from the OS's entropy (not the seed): ids stay unique
+        # across runs, resumes and replaced workers, so recordings can be merged (int64 with room
+        # for 2^62 episodes; two instances overlap with odds ~ episodes / 2^61).
+        self._eps_id_base = int(np.random.default_rng().integers(2 ** 62))
         self._t = np.zeros(n, dtype=np.int64)
         self._ep_return = np.zeros(n, dtype=np.float64)
         self._needs_reset = np.zeros(n, dtype=bool)
@@ -95,12 +114,18 @@ class RolloutWorker:
         obs_space, policy, env = self.observation_space, self.policy, self.env
         obs = self._obs
         resetting = self._needs_reset
+        faults: list[tuple[int, np.ndarray]] = []  # (step, sub-envs made anew there): rows to drop
         while (short := T - int(counts.min())) > 0:
             # No sub-env can be done before `short` more steps: take them without counting.
             start = len(obs_l)
             for _ in range(short):
                 out = policy.compute_actions(obs)
-                next_obs, rewards, terminateds, truncateds, _ = env.step(out.env_actions)
+                try:
+                    next_obs, rewards, terminateds, truncateds, infos = env.step(out.env_actions)
+                except Exception as e:
+                    raise self._env_fault(e, f"at step {self._num_steps + len(obs_l) + 1} of its vector env") from e
+                if infos and FAULT_INFO_KEY in infos:
+                    faults.append((len(obs_l), infos["_" + FAULT_INFO_KEY].copy()))
                 next_obs = obs_to_array(obs_space, next_obs)
                 obs_l.append(obs)
                 new_obs_l.append(next_obs)
@@ -114,23 +139,68 @@ class RolloutWorker:
             # A step right after a sub-env was done is its reset, not a transition.
             done = np.logical_or(term_l[start:], trunc_l[start:])
             counts += short - resetting - done[:-1].sum(axis=0)
+            for step, remade in faults:  # nor is the step of a sub-env made anew (unless it was a reset)
+                if step >= start:
+                    counts -= remade & ~(resetting if step == start else done[step - start - 1])
             resetting = done[-1]
         self._obs = obs
+        self._num_steps += len(obs_l)
         # (num_envs, num_steps, ...); np.array of a list is a few times cheaper than np.stack.
         steps = {k: np.ascontiguousarray(np.array(v).swapaxes(0, 1)) for k, v in fresh.items()}
-        episodes = self._label_steps(steps)
+        remade = np.zeros(steps["terminateds"].shape, dtype=bool)
+        for step, envs in faults:
+            remade[:, step] = envs
+        self._check_steps(steps, remade)
+        episodes = self._label_steps(steps, remade)
+        env_faults, self._env_faults = self._env_faults + int(remade.sum()), 0
         if self._leftover is not None:
             steps = {k: np.concatenate([self._leftover[k], steps[k]], axis=1) for k in self._leftover}
-        return self._assemble(steps, episodes)
+        return self._assemble(steps, episodes, env_faults)
 
-    def _label_steps(self, steps: dict[str, np.ndarray]) -> list[tuple[float, int]]:
+    def _env_fault(self, error: Exception, when: str) -> EnvFaultError:
+        """EnvFaultError naming this worker, the env, the exception and when it was raised."""
+        if isinstance(error, EnvFaultError):  # from a SubEnv, which names the sub-env and the step
+            return EnvFaultError(f"worker {self.index}: {error}")
+        return EnvFaultError(f"worker {self.index}: env {self.env_name!r} raised {describe_error(error)} {when}")
+
+    def _check_steps(self, steps: dict[str, np.ndarray], remade: np.ndarray) -> None:
+        """Observations of the observation_space's shape, and no NaN or inf in observations or
+        rewards: found here, one line naming the column, rather than as a NaN loss later. One
+        pass over arrays of a few thousand numbers per call. (Each row's obs is the previous
+        row's new_obs or a reset's, which is the new_obs of the autoreset row.)"""
+        shape = steps["new_obs"].shape[2:]
+        if self._obs_shape is not None and shape != self._obs_shape:
+            raise EnvFaultError(f"worker {self.index}: env {self.env_name!r} gave observations of shape {shape}; "
+                                f"its observation_space has shape {self._obs_shape}")
+        for column in ("new_obs", "rewards"):
+            values = steps[column]
+            if values.dtype.kind != "f":
+                continue
+            finite = np.isfinite(values)
+            if finite.all():
+                continue
+            env, step = np.argwhere(~finite.reshape(finite.shape[0], finite.shape[1], -1).all(axis=2))[0]
+            kind = "NaN" if np.isnan(values[env, step]).any() else "inf"
+            with np.errstate(invalid="ignore"):  # only to tell the step of the episode
+                self._label_steps(steps, remade)
+            when = f"at step {steps['t'][env, step] + 1} of an episode" if steps["valid"][env, step] else "when reset"
+            raise EnvFaultError(f"worker {self.index}: env {self.env_name!r} gave {kind} in column {column!r} "
+                                f"(sub-env {env}, {when})")
+
+    def _label_steps(self, steps: dict[str, np.ndarray], remade: np.ndarray) -> list[tuple[float, int]]:
         """Adds valid, eps_id, t and weights_version to freshly sampled steps, carrying episode
-        state over from the previous call; returns (return, length) of finished episodes."""
+        state over from the previous call; returns (return, length) of finished episodes.
+
+        `remade` marks the steps where a sub-env raised and was made anew: like an autoreset
+        that step is no transition, and the next one starts a new episode. The episode it cut
+        never finishes: it is not reported, and its last row bootstraps from V(new_obs) (the
+        next row's vf_preds, which is V of the same observation)."""
         n, S = steps["terminateds"].shape
         done = steps["terminateds"] | steps["truncateds"]
         invalid = np.empty((n, S), dtype=bool)  # the step after a done is the autoreset
         invalid[:, 0] = self._needs_reset
         invalid[:, 1:] = done[:, :-1]
+        invalid |= remade
         valid = ~invalid
         rewards = steps["rewards"].astype(np.float64) * valid
         # Counts and sums restart at each reset step: subtract their value at the last reset.
@@ -142,7 +212,7 @@ class RolloutWorker:
         t = np.where(seen_reset, count - count[at_reset] - 1, count - 1 + self._t[:, None])
         ret = np.where(seen_reset, ret - ret[at_reset], ret + self._ep_return[:, None])
         episode_number = self._episode_number[:, None] + np.cumsum(invalid, axis=1)
-        steps["eps_id"] = (self.index << 40) + episode_number * n + np.arange(n)[:, None]
+        steps["eps_id"] = self._eps_id_base + episode_number * n + np.arange(n)[:, None]
         steps["t"] = t
         steps["valid"] = valid
         steps["rewards"] = steps["rewards"].astype(np.float32)
@@ -156,7 +226,7 @@ class RolloutWorker:
         self._ep_return = np.where(valid[:, -1], ret[:, -1], 0.0)
         return episodes
 
-    def _assemble(self, steps: dict[str, np.ndarray], episodes) -> SampleBatch:
+    def _assemble(self, steps: dict[str, np.ndarray], episodes, env_faults: int = 0) -> SampleBatch:
         """`steps` holds arrays of shape (num_envs, num_steps, ...). Take the first T valid rows
         of each sub-env, env by env; keep the valid rows after them for the next call."""
         T = self.fragment_length
@@ -185,7 +255,7 @@ class RolloutWorker:
             self._leftover["valid"] = carry[:, first:]
         else:
             self._leftover = None
-        return SampleBatch(columns, self.spaces, episodes)
+        return SampleBatch(columns, self.spaces, episodes, env_faults=env_faults)
 
     # ---- weights ----------------------------------------------------------------------------------
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -203,29 +273,47 @@ class RolloutWorker:
 
 
 def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | None = None, episodes: int = 10,
-                    seed: int = 0, explore: bool = False, with_lengths: bool = False):
-    """Returns of `episodes` whole episodes in a fresh env (seeds seed, seed + 1, ...), acting
-    greedily unless `explore`; with `with_lengths`, (returns, lengths)."""
+                    seed: int = 0, explore: bool = False, with_lengths: bool = False, parallel: int = 10):
+    """Returns of `episodes` whole episodes in fresh envs (seeds seed, seed + 1, ...), acting
+    greedily unless `explore`; with `with_lengths`, (returns, lengths). Up to `parallel`
+    episodes run side by side, one env each, with one policy call per step for all that are
+    still running: each episode has its own env and seed, so a greedy policy scores what it
+    would playing them one after another."""
     from flowrl.envs import make_env
 
-    e = make_env(env, env_config)
     space = policy.observation_space
-    returns, lengths = [], []
-    try:
-        for i in range(episodes):
-            obs, _ = e.reset(seed=seed + i)
-            total, done, steps = 0.0, False, 0
-            while not done:
-                steps += 1
-                action = policy.compute_actions(obs_to_array(space, add_batch_dim(space, obs)), explore).env_actions[0]
-                obs, reward, terminated, truncated, _ = e.step(int(action) if np.ndim(action) == 0 else action)
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-            lengths.append(steps)
-    finally:
-        e.close()
+    returns, lengths = [0.0] * episodes, [0] * episodes
+    for first in range(0, episodes, parallel):
+        envs = {}
+        try:
+            obs = {}
+            for i in range(first, min(first + parallel, episodes)):
+                envs[i] = make_env(env, env_config)
+                obs[i], _ = envs[i].reset(seed=seed + i)
+            while obs:
+                running = list(obs)
+                batch = _stack_obs(space, [obs[i] for i in running])
+                actions = policy.compute_actions(obs_to_array(space, batch), explore).env_actions
+                for i, action in zip(running, actions):
+                    obs[i], reward, terminated, truncated, _ = envs[i].step(
+                        int(action) if np.ndim(action) == 0 else action)
+                    returns[i] += float(reward)
+                    lengths[i] += 1
+                    if terminated or truncated:
+                        del obs[i]
+        finally:
+            for e in envs.values():
+                e.close()
     return (returns, lengths) if with_lengths else returns
+
+
+def _stack_obs(space: gym.Space, items: list) -> Any:
+    """Observations of single envs as one batch (dicts and tuples part by part)."""
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _stack_obs(s, [o[k] for o in items]) for k, s in space.spaces.items()}
+    if isinstance(space, gym.spaces.Tuple):
+        return tuple(_stack_obs(s, [o[j] for o in items]) for j, s in enumerate(space.spaces))
+    return np.stack([np.asarray(o) for o in items])
 
 
 def add_batch_dim(space: gym.Space, obs: Any) -> Any:
@@ -240,11 +328,16 @@ class WorkerSet:
     """The local worker (in the driver; its policy is the one trained) and `num_workers`
     remote rollout workers (an ActorSet, started with the plan). A replaced remote worker gets
     the local worker's current weights before it samples again. `output`, when given, records
-    every batch that ParallelRollouts samples (`write(batch)`, `close()`)."""
+    every batch that ParallelRollouts samples (`write(batch)`, `close()`). Remote workers have
+    `actor_start_timeout_s` to be placed and built (see ActorSet). `input_source`, when given,
+    is where ParallelRollouts takes its batches from instead (`stream(workers)`: a policy server
+    for external applications, flowrl.connectors.external)."""
 
     def __init__(self, num_workers: int = 0, num_cpus_per_worker: float = 1.0, max_restarts: int = 3,
-                 output: Any = None, **worker_kwargs: Any):
+                 output: Any = None, actor_start_timeout_s: float = 60.0, input_source: Any = None,
+                 **worker_kwargs: Any):
         self.output = output
+        self.input_source = input_source
         if worker_kwargs.get("seed") is None:
             # One seed for all, so that every policy copy starts from the same weights.
             worker_kwargs["seed"] = int(np.random.SeedSequence().entropy % (2**31))
@@ -253,7 +346,8 @@ class WorkerSet:
                                           sample=num_workers == 0 and worker_kwargs.get("env") is not None)
         self.remote_workers = ActorSet(RolloutWorker, num_workers, kwargs=worker_kwargs, name="RolloutWorker",
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
-                                       index_offset=1)  # index 0 is the local worker
+                                       index_offset=1,  # index 0 is the local worker
+                                       start_timeout_s=actor_start_timeout_s)
         self.remote_workers.on_replace.append(self._sync_replacement)
         self.remote_workers.on_start.append(self.sync_weights)
 

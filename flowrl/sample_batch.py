@@ -32,6 +32,10 @@ from flowrl.spaces import decode_spaces, encode_spaces
 SPACES_KEY = b"flowrl.spaces"
 # Episodes that finished while the rows were sampled: msgpack [[return, length], ...].
 EPISODES_KEY = b"flowrl.episodes"
+# Sub-envs that raised and were made anew while the rows were sampled (a decimal count).
+ENV_FAULTS_KEY = b"flowrl.env_faults"
+# What the batch as a whole reports, not its rows: dropped by row selections, summed by concat.
+SUMMARY_KEYS = (EPISODES_KEY, ENV_FAULTS_KEY)
 # Arrow has no multi-dimensional bool8; such columns are stored as uint8 tensors and marked.
 _DTYPE_KEY = b"flowrl.numpy_dtype"
 
@@ -299,7 +303,7 @@ class SampleBatch(Mapping):
 
     def __init__(self, columns: Mapping[str, Any] | None = None,
                  spaces: Mapping[str, gym.Space] | None = None,
-                 episodes: Sequence[tuple[float, int]] | None = None):
+                 episodes: Sequence[tuple[float, int]] | None = None, env_faults: int = 0):
         columns = dict(columns or {})
         num_rows = None
         arrays, fields = [], []
@@ -318,6 +322,8 @@ class SampleBatch(Mapping):
             metadata[SPACES_KEY] = encode_spaces(spaces)
         if episodes:
             metadata[EPISODES_KEY] = msgpack.packb([[float(r), int(n)] for r, n in episodes])
+        if env_faults:
+            metadata[ENV_FAULTS_KEY] = str(int(env_faults)).encode()
         schema = pa.schema(fields, metadata=metadata or None)
         rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
             pa.RecordBatch.from_pylist([], schema=schema)
@@ -374,6 +380,13 @@ class SampleBatch(Mapping):
             raise ValueError(f"malformed episode metadata: {e}") from None
 
     @property
+    def env_faults(self) -> int:
+        """Sub-envs that raised and were made anew while this batch was sampled (their unfinished
+        episodes are not in it). Kept and merged like `episodes`."""
+        raw = (self._schema.metadata or {}).get(ENV_FAULTS_KEY)
+        return int(raw) if raw else 0
+
+    @property
     def nbytes(self) -> int:
         if self._batch is None:
             return sum(memoryview(buf).nbytes for buf in self._raw[1])
@@ -422,15 +435,15 @@ class SampleBatch(Mapping):
         # The episode summary describes the sampled batch as a whole, not a selection of rows
         # (concatenating slices would otherwise count each episode again).
         meta = rb.schema.metadata
-        if meta and EPISODES_KEY in meta:
-            rb = rb.replace_schema_metadata({k: v for k, v in meta.items() if k != EPISODES_KEY})
+        if meta and any(key in meta for key in SUMMARY_KEYS):
+            rb = rb.replace_schema_metadata({k: v for k, v in meta.items() if k not in SUMMARY_KEYS})
         return SampleBatch._wrap(rb, self._spaces)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SampleBatch):
             return NotImplemented
         if self.columns != other.columns or len(self) != len(other) or self._spaces != other._spaces \
-                or self.episodes != other.episodes:
+                or self.episodes != other.episodes or self.env_faults != other.env_faults:
             return False
         for name in self.columns:
             a, b = self[name], other[name]
@@ -485,7 +498,8 @@ class SampleBatch(Mapping):
                     raise ValueError(f"cannot concat: column {name!r} is {c.dtype}{list(c.shape[1:])} in batch {i}"
                                      f" but {a.dtype}{list(a.shape[1:])} in batch 0")
         columns = {name: np.concatenate([b[name] for b in batches]) for name in first.columns}
-        return SampleBatch(columns, first._spaces, [e for b in batches for e in b.episodes])
+        return SampleBatch(columns, first._spaces, [e for b in batches for e in b.episodes],
+                           sum(b.env_faults for b in batches))
 
     def split_by_episode(self) -> list["SampleBatch"]:
         """Contiguous pieces, each holding rows of exactly one `eps_id`, in order."""

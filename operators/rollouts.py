@@ -24,18 +24,21 @@ class Gather(enum.Enum):
 
 
 class RecordSampled(Map):
-    """Counts sampled env steps and finished episodes into the plan's state, and hands each
-    batch to `output` (a dataset writer: `write(batch)`, `close()`) when there is one; passes
-    batches on."""
+    """Counts sampled env steps, finished episodes and sub-envs made anew after raising
+    (`num_env_faults`, which also counts remote workers replaced for their env's fault) into the
+    plan's state, and hands each batch to `output` (a dataset writer: `write(batch)`, `close()`)
+    when there is one; passes batches on."""
 
     def __init__(self, output=None):
         self.output = output
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
+        ctx.counters.setdefault("num_env_faults", 0)
 
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         self.ctx.counters["num_env_steps_sampled"] += len(batch)
+        self.ctx.counters["num_env_faults"] += batch.env_faults
         episodes = batch.episodes
         self.ctx.counters["num_episodes"] += len(episodes)
         self.ctx.episodes.extend(episodes)
@@ -50,7 +53,8 @@ class RecordSampled(Map):
 
 def ParallelRollouts(workers: WorkerSet, gather: Gather = Gather.SYNC, max_in_flight: int = 2) -> Stream[SampleBatch]:
     """A stream of SampleBatches sampled by the workers (the local worker when there are no
-    remote ones), recorded in the plan's counters, and written to `workers.output` when the
+    remote ones; the WorkerSet's `input_source` when it has one: experience from external
+    applications, `config: {input: external}`), recorded in the plan's counters, and written to `workers.output` when the
     WorkerSet has one (a `flowrl.connectors.DatasetWriter`, set by `config: {output: DIR}`).
 
     >>> from flowrl.plan import Plan
@@ -60,7 +64,9 @@ def ParallelRollouts(workers: WorkerSet, gather: Gather = Gather.SYNC, max_in_fl
     >>> len(result["output"]), result["num_env_steps_sampled"]
     (16, 16)
     """
-    if workers.num_remote_workers == 0:
+    if getattr(workers, "input_source", None) is not None:  # external applications (input: external)
+        source = workers.input_source.stream(workers)
+    elif workers.num_remote_workers == 0:
         source = Stream.source(lambda: iter(workers.local_worker.sample, None), name="LocalRollouts")
     elif gather is Gather.SYNC:
         source = gather_sync(workers.remote_workers, "sample", name="ParallelRollouts").map(
