@@ -32,6 +32,20 @@ STOP_KEYS = ("episode_return_mean", "timesteps_total", "time_total_s", "training
 STOP_ALIASES = {"episode_reward_mean": "episode_return_mean"}
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that 1e-4 is a number, as in JSON and YAML 1.2 (YAML 1.1, which
+    PyYAML follows, wants 1.0e-4 and reads 1e-4 as a string)."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(stream: Any) -> Any:
+    """YAML (or JSON) text or a file: plain data only, numbers written as JSON writes them included."""
+    return yaml.load(stream, Loader=_YAMLLoader)
+
+
 class ExperimentError(ValueError):
     """Bad input: a plan file, an override, a run directory or a checkpoint. One line."""
 
@@ -59,7 +73,7 @@ class Experiment:
     stop: dict[str, int | float]
     config: Any  # with search spaces: the config at each domain's first value
     source: str
-    config_data: dict[str, Any] | None = None  # the config as given, search spaces included (flowrl tune)
+    config_data: dict[str, Any] | None = None  # the config as given (search spaces included)
     search_space: dict[str, dict[str, Any]] | None = None  # dotted key -> {grid_search: [...]} and the like
 
     def resolved(self) -> dict[str, Any]:
@@ -87,7 +101,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key:
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. config.lr=0.001")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = load_yaml(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
         out.append((key.strip(), value))
@@ -103,7 +117,7 @@ def load_experiments(path: str | os.PathLike, overrides: list[tuple[str, Any]] =
     path = str(path)
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except FileNotFoundError:
         raise ExperimentError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -192,8 +206,9 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
         raise ExperimentError(f"{where}: {'plan' if 'plan' in spec else 'run'}: {e}") from None
     plan_name = _plan_label(run)
     env = spec.get("env")
-    if env is None and plan.check_input is not None:
-        pass  # an offline plan: the dataset's spaces suffice, and nothing is evaluated
+    external = isinstance(spec.get("config"), dict) and spec["config"].get("input") == "external"
+    if env is None and (plan.check_input is not None or external):
+        pass  # an offline plan: the dataset's spaces suffice; external clients: config.external's spaces
     elif not isinstance(env, str) or not env:
         raise ExperimentError(f"{where}: env: missing (a gymnasium id such as CartPole-v1, or 'module:Class')")
     else:
@@ -216,11 +231,16 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
             parse_config(plan.config_class, config_data)
     except ConfigError as e:
         raise ExperimentConfigError(where, e) from None
+    if external:
+        given = (config_data.get("external") or {}).get("observation_space") is not None
+        if given == (env is not None):
+            raise ExperimentError(f"{where}: env: with input: external give either an env (its spaces are used; it is "
+                                  "never stepped) or config.external.observation_space and action_space")
     if plan.check_input is not None:
         _check_input(plan, config, env, where)
-    if getattr(plan, "check_env", None) is not None and env is not None:
+    if getattr(plan, "check_env", None) is not None and (env is not None or external):
         _check_input(plan, config, env, where, check=plan.check_env)
-    return Experiment(name, env, plan_name, plan, stop, config, source, config_data if space else None, space)
+    return Experiment(name, env, plan_name, plan, stop, config, source, config_data, space or None)
 
 
 def env_spaces(env: str | None, env_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -237,12 +257,21 @@ def env_spaces(env: str | None, env_config: dict[str, Any]) -> dict[str, Any] | 
         vec.close()
 
 
+def experiment_spaces(config, env: str | None) -> dict[str, Any] | None:
+    """The env's spaces; without an env, for input: external, those config.external gives."""
+    if env is None and getattr(config, "input", None) == "external":
+        from flowrl.wire import ExternalConfig
+
+        return parse_config(ExternalConfig, config.external, prefix="external").spaces()
+    return env_spaces(env, config.env_config)
+
+
 def _check_input(plan, config, env: str | None, where: str, check=None) -> dict[str, Any]:
     """`check(config, env_spaces)` (default: the plan's check_input); its errors as one line."""
     from flowrl.connectors import DatasetError
 
     try:
-        return (check or plan.check_input)(config, env_spaces(env, config.env_config))
+        return (check or plan.check_input)(config, experiment_spaces(config, env))
     except DatasetError as e:
         raise ExperimentError(f"{where}: config.input: {e}") from None
     except ConfigError as e:
@@ -337,20 +366,22 @@ def _check_search_space(config_class: type, data: dict[str, Any], space: dict[st
 
 
 def _parse_stop(stop: Any, where: str) -> dict[str, int | float]:
+    def bad(key: str, message: str) -> ExperimentConfigError:
+        return ExperimentConfigError(where, ConfigError(key, message))
+
     if stop is None:
-        raise ExperimentError(f"{where}: stop: missing; give at least one of {', '.join(STOP_KEYS)}")
+        raise bad("stop", f"missing; give at least one of {', '.join(STOP_KEYS)}")
     if not isinstance(stop, dict) or not stop:
-        raise ExperimentError(f"{where}: stop: expected a mapping such as {{timesteps_total: 100000}}")
+        raise bad("stop", "expected a mapping such as {timesteps_total: 100000}")
     out = {}
     for key, value in stop.items():
         name = STOP_ALIASES.get(key, key)
         if name not in STOP_KEYS:
-            raise ExperimentConfigError(where, ConfigError(f"stop.{key}",
-                                                           f"unknown stop key{suggest(str(key), STOP_KEYS)}"))
+            raise bad(f"stop.{key}", f"unknown stop key{suggest(str(key), STOP_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ExperimentError(f"{where}: stop.{key}: expected a number, got {value!r}")
+            raise bad(f"stop.{key}", f"expected a number, got {value!r}")
         if not name.endswith("episode_return_mean") and value <= 0:
-            raise ExperimentError(f"{where}: stop.{key}: must be > 0, got {value}")
+            raise bad(f"stop.{key}", f"must be > 0, got {value}")
         out[name] = value  # an int stays an int, so config.yaml says 100000, not 100000.0
     return out
 

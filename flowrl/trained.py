@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -74,6 +74,8 @@ class TrainedPolicy:
     def evaluate(self, episodes: int, seed: int = 0) -> list[float]:
         from flowrl.rollout import evaluate_policy
 
+        if self.env is None:  # trained by external clients from spaces given in its config
+            raise ExperimentError(f"{self.checkpoint}: the run names no env to evaluate its policy in")
         return evaluate_policy(self.policy, self.env, self.env_config, episodes, seed)
 
 
@@ -96,6 +98,19 @@ def resolve_run_path(path: str | os.PathLike) -> Path:
     return path  # not a run directory: the search for checkpoints says so
 
 
+def checkpoint_at(path: str | os.PathLike, read: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """The checkpoint a path names, and what `read` reads of it: a checkpoint directory; a run
+    directory's newest readable checkpoint (with a one-line warning when a newer one cannot be
+    read); an experiment directory's `latest` run's."""
+    path = resolve_run_path(path)
+    if is_checkpoint_dir(path):
+        return path, read(path)
+    checkpoint, state, skipped = newest_readable(path, read)
+    if skipped is not None:
+        warnings.warn(f"{skipped}; using the newest readable checkpoint, {checkpoint}", FlowrlWarning, stacklevel=3)
+    return checkpoint, state
+
+
 def _read_model(checkpoint: Path) -> Any:
     return _load_tensors(checkpoint / "model.pt")
 
@@ -105,25 +120,26 @@ def load_policy(path: str | os.PathLike) -> TrainedPolicy:
     a newer one cannot be read), a checkpoint directory, or an experiment directory (its `latest`)."""
     from flowrl.envs import make_vector_env
 
-    path = resolve_run_path(path)
-    if is_checkpoint_dir(path):
-        checkpoint, state = path, _read_model(path)
-        run_dir = checkpoint.parent.parent
-    else:
-        checkpoint, state, skipped = newest_readable(path, _read_model)
-        if skipped is not None:
-            warnings.warn(f"{skipped}; using the newest readable checkpoint, {checkpoint}", FlowrlWarning,
-                          stacklevel=2)
-        run_dir = path
+    checkpoint, state = checkpoint_at(path, _read_model)
+    run_dir = checkpoint.parent.parent
     env, plan_name, config, _ = run_description(checkpoint)
-    if env is None:
+    given = (config.get("external") or {}) if config.get("input") == "external" else {}
+    if env is None and given.get("observation_space") is None:
         raise ExperimentError(f"{run_dir}: the run trained from a dataset without naming an env; there is nothing "
                               "to evaluate it in")
-    vec = make_vector_env(env, 1, config.get("env_config") or {})
+    if env is None:  # external clients trained it, with the spaces its config gives
+        from flowrl.spaces import space_from_spec
+
+        try:
+            spaces = space_from_spec(given["observation_space"]), space_from_spec(given["action_space"])
+        except (KeyError, ValueError) as e:
+            raise ExperimentError(f"{run_dir / 'config.yaml'}: config.external: {e}") from None
+    else:
+        vec = make_vector_env(env, 1, config.get("env_config") or {})
+        spaces = vec.single_observation_space, vec.single_action_space
+        vec.close()
     policy_class, options = run_policy_spec(run_dir, plan_name, config)
-    policy = make_policy(policy_class, vec.single_observation_space, vec.single_action_space, model=config.get("model"),
-                         seed=0, **options)
-    vec.close()
+    policy = make_policy(policy_class, *spaces, model=config.get("model"), seed=0, **options)
     try:
         policy.model.load_state_dict(state)
     except RuntimeError as e:

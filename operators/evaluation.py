@@ -64,9 +64,19 @@ class EvaluatePolicy(_Every):
     def measure(self) -> dict[str, Any]:
         returns, lengths = evaluate_policy(self.workers.policy, self.env, self.env_config, self.episodes, self.seed,
                                            with_lengths=True)
-        return {"episode_return_mean": float(np.mean(returns)), "episode_return_min": float(np.min(returns)),
-                "episode_return_max": float(np.max(returns)), "episode_len_mean": float(np.mean(lengths)),
-                "episodes": len(returns)}
+        return episode_summary(returns, lengths)
+
+
+def episode_summary(returns: list[float], lengths: list[int]) -> dict[str, Any]:
+    """What an evaluation reports of its episodes.
+
+    >>> s = episode_summary([10.0, 20.0], [10, 30])
+    >>> s["episode_return_mean"], s["episode_return_min"], s["episode_return_max"], s["episode_len_mean"], s["episodes"]
+    (15.0, 10.0, 20.0, 20.0, 2)
+    """
+    return {"episode_return_mean": float(np.mean(returns)), "episode_return_min": float(np.min(returns)),
+            "episode_return_max": float(np.max(returns)), "episode_len_mean": float(np.mean(lengths)),
+            "episodes": len(returns)}
 
 
 class OffPolicyEstimates(_Every):

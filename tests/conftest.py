@@ -12,14 +12,23 @@ settings.load_profile("flowrl")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One Ray instance for the whole test session (ray.init costs ~4 s)."""
+def _ray_at_exit():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_at_exit):
+    """The test session's Ray, 2 CPUs: started by the first test that asks for it and kept (ray.init
+    costs ~4 s). A module that needs another Ray (tests/test_tune.py) shuts this one down first;
+    the next test that asks for it starts it again."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(params=["local", "ray"])
