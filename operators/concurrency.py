@@ -149,6 +149,10 @@ class Enqueue(Map):
 
     def __init__(self, learner_queue: LearnerQueue):
         self.learner_queue = learner_queue
+        self.ctx = None
+
+    def setup(self, ctx) -> None:
+        self.ctx = ctx
 
     def __call__(self, item: Any) -> Any:
         while True:
@@ -156,7 +160,8 @@ class Enqueue(Map):
                 self.learner_queue.queue.put(item, timeout=0.1)  # a timeout keeps Ctrl-C responsive
                 return item
             except queue.Full:
-                continue
+                if self.ctx is not None and self.ctx.closed:  # the plan is closing and nobody will take it
+                    return item
 
 
 def Dequeue(learner_queue: LearnerQueue, name: str = "Dequeue") -> Stream:
@@ -168,11 +173,18 @@ def Dequeue(learner_queue: LearnerQueue, name: str = "Dequeue") -> Stream:
     [1, 2]
     """
 
-    def items() -> Iterator[Any]:
+    return _Dequeue(learner_queue, name)
+
+
+class _Dequeue(Stream):
+    def __init__(self, learner_queue: LearnerQueue, name: str):
+        super().__init__(name)
+        self.learner_queue = learner_queue
+
+    def _iterate(self, ctx) -> Iterator[Any]:
         while True:
             try:
-                yield learner_queue.queue.get(timeout=0.1)
+                yield self.learner_queue.queue.get(timeout=0.1)  # a timeout keeps Ctrl-C responsive
             except queue.Empty:
-                continue
-
-    return Stream.source(items, name=name)
+                if ctx.closed:  # the plan is closing: end, so that the learner thread can stop
+                    return

@@ -11,7 +11,7 @@ from flowrl.operators import (ComputeAdvantages, ConcatBatches, Concurrently, De
 from flowrl.rollout import WorkerSet
 from flowrl.sample_batch import SampleBatch
 from flowrl.stream import Order
-from flowrl.testing import same_experience
+from flowrl.testing import flowrl_threads, same_experience, wait_until
 
 
 
@@ -99,6 +99,8 @@ def test_learner_thread_through_a_bounded_queue(executor):
     assert all("vf_loss" in r for r in results)
     assert results[-1]["num_env_steps_trained"] >= 5 * 20
     assert results[-1]["num_env_steps_sampled"] - results[-1]["num_env_steps_trained"] <= (2 * 2 + 2 + 2) * 20
+    # The learner thread waits on an empty queue once sampling stops; closing the plan ends it.
+    assert wait_until(lambda: not flowrl_threads(), 5), flowrl_threads()
 
 
 def test_concat_standardize_and_metrics(executor):
