@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from flowrl.connectors.input import Dataset
+from flowrl.connectors.reader import episode_breaks
 
 
 def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
     """Schema, spaces, files, rows; and, when the columns allow, episodes with the return and
-    length statistics of those that end in the dataset (terminated or truncated)."""
+    length statistics of those that end in the dataset (terminated or truncated), and the
+    number of ids that several episodes share (which training refuses)."""
     columns = {}
     for field in dataset.schema:
         shape = dataset.column_shape(field.name)
@@ -35,7 +37,7 @@ def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
         "chunks": len(dataset.chunks), "rows": 0, "columns": columns,
         "spaces": {k: str(v) for k, v in dataset.spaces.items()},
     }
-    wanted = [c for c in ("eps_id", "rewards", "terminateds", "truncateds") if c in dataset.columns]
+    wanted = [c for c in ("eps_id", "t", "rewards", "terminateds", "truncateds") if c in dataset.columns]
     parts = list(dataset.scan(wanted or [dataset.columns[0]]))
     info["rows"] = int(sum(len(next(iter(p.values()))) for p in parts))
     if "eps_id" not in wanted:
@@ -49,6 +51,12 @@ def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
         if flag in cols:
             ended[episode[cols[flag]]] = True
     episodes["complete"] = int(ended.sum())
+    if "t" in cols:
+        order = np.lexsort((cols["t"], cols["eps_id"]))
+        flags = [cols[k][order] for k in ("terminateds", "truncateds") if k in cols]
+        repeated, _, after_end = episode_breaks(cols["eps_id"][order], cols["t"][order],
+                                                np.logical_or.reduce(flags) if flags else None)
+        episodes["shared_ids"] = len(np.unique(cols["eps_id"][order][1:][repeated | after_end]))
     if "rewards" in cols and ended.any():
         returns = np.bincount(episode, cols["rewards"].astype(np.float64), minlength=len(ids))[ended]
         episodes.update(return_mean=float(returns.mean()), return_std=float(returns.std()),
@@ -76,5 +84,8 @@ def format_info(info: dict[str, Any]) -> str:
             text += (f"; return mean {episodes['return_mean']:.2f} (std {episodes['return_std']:.2f}, "
                      f"min {episodes['return_min']:.2f}, max {episodes['return_max']:.2f}); "
                      f"length mean {episodes['length_mean']:.1f}")
+        if episodes.get("shared_ids"):
+            text += (f"\n  {episodes['shared_ids']:,} eps_id(s) shared by several episodes (recordings whose ids "
+                     "both start at 0?): training from this dataset refuses them")
         lines.append(text)
     return "\n".join(lines)

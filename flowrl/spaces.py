@@ -119,3 +119,68 @@ def _decode_spaces(data: bytes) -> dict[str, gym.Space]:
     if not isinstance(d, dict):
         raise SpaceDecodeError("space metadata must be a map of column name to space")
     return {k: space_from_dict(s) for k, s in d.items()}
+
+
+def space_from_spec(spec: Any) -> gym.Space:
+    """A space from the plain form a plan file gives (YAML), e.g. `{type: Box, low: -1, high: 1,
+    shape: [4]}`, `{type: Discrete, n: 2}`, `{type: MultiDiscrete, nvec: [3, 2]}`,
+    `{type: MultiBinary, n: 4}`, `{type: Dict, spaces: {name: spec, ...}}`, `{type: Tuple,
+    spaces: [spec, ...]}`; ValueError saying what is wrong.
+
+    >>> space_from_spec({"type": "Box", "low": -1.0, "high": 1.0, "shape": [2]})
+    Box(-1.0, 1.0, (2,), float32)
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a space is a mapping with a type (Box, Discrete, MultiDiscrete, MultiBinary, Dict, "
+                         f"Tuple), got {spec!r}")
+    kind = spec["type"]
+    keys = {"Box": {"low", "high", "shape", "dtype"}, "Discrete": {"n", "start"}, "MultiDiscrete": {"nvec"},
+            "MultiBinary": {"n"}, "Dict": {"spaces"}, "Tuple": {"spaces"}}
+    if kind not in keys:
+        raise ValueError(f"unknown space type {kind!r} (one of {', '.join(keys)})")
+    unknown = set(spec) - keys[kind] - {"type"}
+    if unknown:
+        raise ValueError(f"{kind}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(keys[kind]))})")
+    try:
+        if kind == "Box":
+            shape, dtype = spec.get("shape"), np.dtype(spec.get("dtype", "float32"))
+            low, high = (np.asarray(spec.get(k, default), dtype=dtype) for k, default in (("low", -np.inf),
+                                                                                        ("high", np.inf)))
+            return gym.spaces.Box(low.item() if low.ndim == 0 else low, high.item() if high.ndim == 0 else high,
+                                  shape=tuple(shape) if shape is not None else None, dtype=dtype)
+        if kind == "Discrete":
+            return gym.spaces.Discrete(int(spec["n"]), start=int(spec.get("start", 0)))
+        if kind == "MultiDiscrete":
+            return gym.spaces.MultiDiscrete(np.asarray(spec["nvec"], dtype=np.int64))
+        if kind == "MultiBinary":
+            return gym.spaces.MultiBinary(spec["n"])
+        if kind == "Dict":
+            if not isinstance(spec["spaces"], dict):
+                raise ValueError("Dict: spaces must be a mapping of names to spaces")
+            return gym.spaces.Dict({str(k): space_from_spec(s) for k, s in spec["spaces"].items()})
+        if not isinstance(spec["spaces"], list):
+            raise ValueError("Tuple: spaces must be a list of spaces")
+        return gym.spaces.Tuple([space_from_spec(s) for s in spec["spaces"]])
+    except KeyError as e:
+        raise ValueError(f"{kind}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, AssertionError) as e:
+        raise ValueError(f"{kind}: {e}") from None
+
+
+def obs_row_layout(space: gym.Space) -> tuple[tuple[int, ...], np.dtype]:
+    """The per-row shape and dtype a rollout worker gives observations of `space` (see
+    flowrl.policy.obs_to_array): Box as it is (uint8 images stay uint8), the rest flattened."""
+    if isinstance(space, gym.spaces.Box):
+        return tuple(space.shape), np.dtype(space.dtype)
+    return (int(gym.spaces.flatdim(space)),), np.dtype(np.float32)
+
+
+def action_row_layout(space: gym.Space) -> tuple[tuple[int, ...], np.dtype]:
+    """The per-row shape and dtype of sampled actions (see TorchPolicy.compute_actions)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return (), np.dtype(np.int64)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return tuple(space.shape), np.dtype(np.int64)
+    if isinstance(space, gym.spaces.Box):
+        return tuple(space.shape), np.dtype(np.float32)
+    return (int(gym.spaces.flatdim(space)),), np.dtype(np.float32)
