@@ -112,8 +112,13 @@ class Executor:
 
     def close(self) -> None: ...
 
-    def create_actor(self, cls: type, args: tuple, kwargs: dict, num_cpus: float) -> Any:
+    def create_actor(self, cls: type, args: tuple, kwargs: dict, num_cpus: float, **options: Any) -> Any:
+        """A new actor; `options` are the executor's own (Ray: actor options from `placement`)."""
         raise NotImplementedError
+
+    def placement(self, name: str, strategy: str, num_actors: int, num_cpus: float, timeout_s: float) -> Any:
+        """Where an actor set's actors go (flowrl.cluster.Placement on Ray, started); None here."""
+        return None
 
     def submit(self, handle: Any, method: str, args: tuple, kwargs: dict) -> Any:
         raise NotImplementedError
@@ -177,7 +182,7 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def create_actor(self, cls, args, kwargs, num_cpus):
+    def create_actor(self, cls, args, kwargs, num_cpus, **options):
         return _LocalActor(cls(*args, **kwargs))
 
     def submit(self, handle, method, args, kwargs):
@@ -209,17 +214,22 @@ class RayExecutor(Executor):
     concurrent = True
 
     def __init__(self, num_cpus: int | None = None, address: str | None = None, quiet: bool = True,
-                 connect_timeout_s: float | None = None):
+                 connect_timeout_s: float | None = None, runtime_env: dict | None = None):
         self.num_cpus = num_cpus
         self.address = address
         self.quiet = quiet
         self.connect_timeout_s = connect_timeout_s
+        self.runtime_env = runtime_env  # the Ray job's when joining `address` (flowrl.cluster.runtime_env_for)
         self._started_ray = False
         self._reserved_cpus = 0.0  # what the actor sets started here have claimed
 
     def start(self) -> bool:
         import ray
 
+        if self.address:
+            from flowrl.cluster import check_address
+
+            check_address(self.address)  # Ray Client (ray://) is refused in one line, joined or not
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -235,6 +245,8 @@ class RayExecutor(Executor):
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
                                   "log_to_driver": not self.quiet}
         if self.address:
+            if self.runtime_env:
+                kwargs["runtime_env"] = self.runtime_env
             join_cluster(self.address, connect_timeout(self.connect_timeout_s), **kwargs)
         else:
             ray.init(num_cpus=self.num_cpus or os.cpu_count(), **kwargs)
@@ -248,11 +260,17 @@ class RayExecutor(Executor):
             ray.shutdown()
         self._started_ray = False
 
-    def create_actor(self, cls, args, kwargs, num_cpus):
+    def create_actor(self, cls, args, kwargs, num_cpus, **options):
         import ray
 
         remote_cls = ray.remote(cls) if not hasattr(cls, "remote") else cls
-        return remote_cls.options(num_cpus=num_cpus, max_restarts=0, max_task_retries=0).remote(*args, **kwargs)
+        return remote_cls.options(num_cpus=num_cpus, max_restarts=0, max_task_retries=0,
+                                  **options).remote(*args, **kwargs)
+
+    def placement(self, name, strategy, num_actors, num_cpus, timeout_s):
+        from flowrl.cluster import Placement
+
+        return Placement(name, strategy, num_actors, num_cpus).start(timeout_s)
 
     def reserve(self, name, num_actors, num_cpus):
         import ray
@@ -520,7 +538,7 @@ def join_cluster(address: str, timeout_s: float, **init_kwargs: Any) -> None:
 
 
 def make_executor(kind: str = "local", **kwargs: Any) -> Executor:
-    """An executor by name: "local" or "ray" (kwargs: num_cpus, address, connect_timeout_s)."""
+    """An executor by name: "local" or "ray" (kwargs: num_cpus, address, connect_timeout_s, runtime_env)."""
     if kind == "local":
         return LocalExecutor()
     if kind == "ray":
@@ -541,12 +559,14 @@ class ActorSet:
 
     Starting checks that the executor can hold the actors at all, then waits up to
     `start_timeout_s` for them to be placed and constructed; a constructor that raises stops
-    the plan with ActorStartError (it would only raise again if restarted).
+    the plan with ActorStartError (it would only raise again if restarted). On Ray,
+    `placement_strategy` lays the actors out over the nodes (flowrl.cluster: SPREAD, DEFAULT,
+    PACK, STRICT_PACK, STRICT_SPREAD).
     """
 
     def __init__(self, cls: type, num_actors: int, args: Sequence = (), kwargs: dict | None = None,
                  name: str | None = None, max_restarts: int = 3, num_cpus_per_actor: float = 1.0,
-                 index_offset: int = 0, start_timeout_s: float = 60.0):
+                 index_offset: int = 0, start_timeout_s: float = 60.0, placement_strategy: str = "DEFAULT"):
         if num_actors < 0:
             raise ValueError("num_actors must be >= 0")
         self.cls = cls
@@ -558,6 +578,8 @@ class ActorSet:
         self.num_cpus_per_actor = num_cpus_per_actor
         self.index_offset = index_offset
         self.start_timeout_s = start_timeout_s
+        self.placement_strategy = placement_strategy
+        self._placement: Any = None  # the executor's, while started
         self.num_restarts = 0
         self._counters: collections.Counter | None = None  # the plan's, for faults
         self._reserved = False
@@ -582,6 +604,8 @@ class ActorSet:
         try:
             executor.reserve(self.name, self.num_actors, self.num_cpus_per_actor)
             self._reserved = True
+            self._placement = executor.placement(self.name, self.placement_strategy, self.num_actors,
+                                                 self.num_cpus_per_actor, self.start_timeout_s)
             self._handles = [self._create(i) for i in range(self.num_actors)]
             self._wait_ready(range(self.num_actors))
         except BaseException:
@@ -592,7 +616,8 @@ class ActorSet:
 
     def _create(self, index: int) -> Any:
         kwargs = dict(self.kwargs, actor_index=index + self.index_offset) if self._pass_index else self.kwargs
-        return self._executor.create_actor(self.cls, self.args, kwargs, self.num_cpus_per_actor)
+        options = self._placement.options(index) if self._placement is not None else {}
+        return self._executor.create_actor(self.cls, self.args, kwargs, self.num_cpus_per_actor, **options)
 
     def _wait_ready(self, indices) -> None:
         handles = {f"{self.name} actor {i + self.index_offset}": self._handles[i] for i in indices}
@@ -616,6 +641,9 @@ class ActorSet:
                 self._executor.kill(handle)
             except Exception:
                 pass
+        if self._placement is not None:
+            self._placement.close()
+            self._placement = None
         if self._reserved:
             self._executor.release(self.num_actors, self.num_cpus_per_actor)
             self._reserved = False
