@@ -55,12 +55,20 @@ class CommonConfig:
     env_config: dict = field(default_factory=dict)
     num_cpus_per_worker: float = 1.0
     max_actor_restarts: int = 3
+    restart_failed_sub_environments: bool = False  # a sub-env that raises is made anew, its episode dropped
+    actor_start_timeout_s: float = 60.0      # Ray: how long actors may take to be placed and constructed
+    worker_placement_strategy: str = "SPREAD"  # Ray: SPREAD DEFAULT PACK STRICT_PACK STRICT_SPREAD (flowrl.cluster)
+    runtime_env: dict | None = None          # Ray job's runtime_env on joining a cluster; null: ship module:Class code
     # Model and optimisation
     model: dict = field(default_factory=lambda: {"hidden": [64, 64], "activation": "tanh"})
     lr: float = 3e-4
-    lr_schedule: Schedule | None = None      # [[timestep, lr], ...], overrides lr when given
+    lr_schedule: Schedule | None = None      # [[timestep, lr], ...], overrides lr when given; applied by the
+                                             # LearningRateSchedule operator (every built-in plan has one)
     gamma: float = 0.99
     grad_clip: float | None = 0.5
+    # Experience from external applications (connectors.external) instead of sampling `env`
+    input: str | None = None                 # null: workers sample env; external: a policy server for clients
+    external: dict = field(default_factory=dict)  # its settings (flowrl.wire.ExternalConfig): host, port, ...
     # Recording what is sampled (connectors.output): a Parquet or Arrow IPC dataset directory
     output: str | None = None
     output_format: str = "parquet"           # parquet | arrow
@@ -89,7 +97,13 @@ class CommonConfig:
             raise ConfigError("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
         if self.num_cpus_per_worker <= 0:
             raise ConfigError("num_cpus_per_worker", f"must be > 0, got {self.num_cpus_per_worker}")
+        if not self.actor_start_timeout_s > 0:
+            raise ConfigError("actor_start_timeout_s", f"must be > 0, got {self.actor_start_timeout_s}")
         check_schedule("lr_schedule", self.lr_schedule)
+        from flowrl.cluster import check_cluster_config
+
+        check_cluster_config(self.worker_placement_strategy, self.runtime_env)
+        self.check_input()
         if self.output_format not in OUTPUT_COMPRESSIONS:
             raise ConfigError("output_format", f"must be one of {', '.join(OUTPUT_COMPRESSIONS)}, "
                                                f"got {self.output_format!r}")
@@ -105,10 +119,38 @@ class CommonConfig:
             key = sorted(unknown)[0]
             raise ConfigError(f"model.{key}", "unknown key" + suggest(key, ["hidden", "activation", "custom_model"]))
 
+    def check_input(self) -> None:
+        """`input` is null or external (with `external` its settings); offline plans, which read
+        datasets, override this."""
+        if self.input not in (None, "external"):
+            raise ConfigError("input", f"must be null or external, got {self.input!r} (datasets are read by the "
+                                       "offline plans, BC and MARWIL)")
+        if self.input != "external":
+            if self.external:
+                raise ConfigError("external", "settings of the policy server, but input is not external")
+            return
+        from flowrl.wire import ExternalConfig
+
+        settings = parse_config(ExternalConfig, self.external, prefix="external")
+        if self.num_workers:
+            raise ConfigError("num_workers", "must be 0 with input: external (clients step their own envs)")
+        rows = self.num_envs_per_worker * self.rollout_fragment_length
+        if settings.max_buffered_rows is not None and settings.max_buffered_rows < rows:
+            raise ConfigError("external.max_buffered_rows", f"{settings.max_buffered_rows} is less than one sample "
+                                                            f"(num_envs_per_worker x rollout_fragment_length = {rows})")
+
     def worker_kwargs(self, env: str) -> dict[str, Any]:
+        policy, policy_config = self.policy_spec()
         return dict(env=env, num_envs_per_worker=self.num_envs_per_worker,
                     rollout_fragment_length=self.rollout_fragment_length, env_config=self.env_config,
-                    vectorization=self.vectorization, model=self.model, seed=self.seed, lr=self.lr)
+                    vectorization=self.vectorization, model=self.model, seed=self.seed, lr=self.lr,
+                    policy=policy, policy_config=policy_config,
+                    restart_failed_sub_environments=self.restart_failed_sub_environments)
+
+    def policy_spec(self) -> tuple[str, dict[str, Any]]:
+        """The policy class the workers build (a name in flowrl.policy.POLICY_CLASSES) and the
+        options of its own; off-policy plans override this."""
+        return "TorchPolicy", {}
 
 
 def check_schedule(key: str, schedule: Any) -> None:

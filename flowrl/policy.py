@@ -56,6 +56,18 @@ def resolve_class(spec: str, registry: dict[str, Any], what: str) -> Any:
         raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
+# The policy classes a rollout worker can build, by the name a plan's config gives
+# (`CommonConfig.policy_spec`); imported when first used, so this module needs none of them.
+POLICY_CLASSES = {"TorchPolicy": "flowrl.policy:TorchPolicy", "QPolicy": "flowrl.q_policy:QPolicy",
+                  "SACPolicy": "flowrl.sac_policy:SACPolicy"}
+
+
+def make_policy(name: str, observation_space: gym.Space, action_space: gym.Space, **kwargs: Any) -> Any:
+    """A policy of the class registered as `name` (or "package.module:Class"), built as
+    `Class(observation_space, action_space, **kwargs)`."""
+    return resolve_class(POLICY_CLASSES.get(name, name), {}, "policy")(observation_space, action_space, **kwargs)
+
+
 # ---- observations --------------------------------------------------------------------------------
 def is_image(space: gym.Space) -> bool:
     return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and min(space.shape[:2]) >= 7
@@ -256,6 +268,8 @@ def _layer_calls(module: nn.Module) -> list:
             calls.append(functools.partial(nn.functional.linear, weight=layer.weight, bias=layer.bias))
         elif type(layer) is nn.Tanh:
             calls.append(torch.tanh)
+        elif type(layer) is nn.ReLU and not layer.inplace:
+            calls.append(torch.relu)
         elif type(layer) is nn.Flatten and layer.start_dim == 1 and layer.end_dim == -1:
             calls.append(functools.partial(torch.flatten, start_dim=1))
         else:
@@ -310,12 +324,16 @@ class TorchPolicy:
         self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
 
     # ---- acting ---------------------------------------------------------------------------------
-    def dist(self, dist_inputs: torch.Tensor) -> ActionDist:
+    def dist(self, dist_inputs: torch.Tensor, model: nn.Module | None = None) -> ActionDist:
+        """The action distribution of `dist_inputs`, which `model` (default: `self.model`)
+        computed. A Gaussian takes its log_std from that same model: a copy of the model (a
+        target network) has a log_std of its own."""
         space = self.action_space
         if isinstance(space, gym.spaces.Discrete):
             return ActionDist(torch.distributions.Categorical(logits=dist_inputs), sum_last=False)
         if isinstance(space, gym.spaces.Box):
-            std = self.log_std.expand_as(dist_inputs).exp()
+            log_std = self.log_std if model is None else model.log_std
+            std = log_std.expand_as(dist_inputs).exp()
             return ActionDist(torch.distributions.Normal(dist_inputs, std), sum_last=True)
         nvec = [int(k) for k in space.nvec.reshape(-1)]
         return ActionDist(MultiCategorical(dist_inputs, nvec), sum_last=True)
@@ -391,3 +409,16 @@ class TorchPolicy:
         self.model.load_state_dict(weights)
         if version is not None:
             self.weights_version = version
+
+
+def score_actions(policy: Any, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log pi(a|s) and V(s) of actions someone else chose (as batches store them: Discrete
+    without its start), under `policy`; zeros for policies without an action distribution
+    (Q-learning, SAC), whose losses read neither."""
+    if not isinstance(policy, TorchPolicy):
+        zeros = np.zeros(len(obs), dtype=np.float32)
+        return zeros, zeros
+    with torch.inference_mode():
+        dist_inputs, values = policy.model(policy.to_tensor(obs))
+        logp = policy.dist(dist_inputs).log_prob(torch.as_tensor(actions))
+    return logp.numpy().astype(np.float32), values.numpy().astype(np.float32)

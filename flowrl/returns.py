@@ -118,3 +118,29 @@ def vtrace(behaviour_logp, target_logp, rewards, values, next_values, terminated
     vs_next[:-1][inside] = vs[1:][inside]
     pg_advantages = rhos * (rewards + gamma * vs_next * not_terminal - values)
     return vs.astype(np.float32), pg_advantages.astype(np.float32)
+
+
+def n_step_sums(rewards, dones, gamma: float, n: int):
+    """For each row t: m_t = min(n, rows from t to the end of its trajectory), and the
+    discounted sum of those m_t rewards, sum_{k<m_t} gamma^k r_{t+k}. A trajectory ends after
+    row t where `dones[t]` and after the last row. Returns (sums float32, m_t int64); the n-step
+    target is then sums + gamma^m_t * (1 - terminated) * Q(s_{t+m_t}). One numpy pass per k < n.
+
+    >>> sums, steps = n_step_sums([1.0, 1.0, 1.0], [False, False, True], gamma=0.5, n=2)
+    >>> sums.tolist(), steps.tolist()
+    ([1.5, 1.5, 1.0], [2, 2, 1])
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    (rewards,) = _f64(rewards)
+    dones = np.asarray(dones, dtype=bool)
+    T = len(rewards)
+    rows = np.arange(T)
+    # The last row of each row's trajectory: the first done at or after it (or the last row).
+    ends = np.where(dones, rows, T - 1)
+    ends = np.minimum.accumulate(ends[::-1])[::-1] if T else ends
+    steps = np.minimum(n, ends - rows + 1)
+    sums = np.zeros(T)
+    for k in range(min(n, T)):
+        sums += np.where(k < steps, gamma ** k * rewards[np.minimum(rows + k, T - 1)], 0.0)
+    return sums.astype(np.float32), steps.astype(np.int64)

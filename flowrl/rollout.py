@@ -267,6 +267,12 @@ class RolloutWorker:
     def weights_version(self) -> int:
         return self.policy.weights_version
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        from flowrl.cluster import node_id
+
+        return node_id()
+
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
@@ -279,32 +285,46 @@ def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | 
     episodes run side by side, one env each, with one policy call per step for all that are
     still running: each episode has its own env and seed, so a greedy policy scores what it
     would playing them one after another."""
+    returns, lengths = [0.0] * episodes, [0] * episodes
+    # Policy calls on a few rows are slower with intra-op threads (they wait on each other on a
+    # busy machine): one thread, as rollout workers and a run's driver have.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for first in range(0, episodes, parallel):
+            _play_side_by_side(policy, env, env_config, range(first, min(first + parallel, episodes)), seed, explore,
+                               returns, lengths)
+    finally:
+        torch.set_num_threads(threads)
+    return (returns, lengths) if with_lengths else returns
+
+
+def _play_side_by_side(policy: TorchPolicy, env: str, env_config: dict[str, Any] | None, indexes: range, seed: int,
+                       explore: bool, returns: list[float], lengths: list[int]) -> None:
+    """Episodes `indexes` (episode i in an env reset with seed + i) to their ends, adding up
+    their returns and lengths."""
     from flowrl.envs import make_env
 
     space = policy.observation_space
-    returns, lengths = [0.0] * episodes, [0] * episodes
-    for first in range(0, episodes, parallel):
-        envs = {}
-        try:
-            obs = {}
-            for i in range(first, min(first + parallel, episodes)):
-                envs[i] = make_env(env, env_config)
-                obs[i], _ = envs[i].reset(seed=seed + i)
-            while obs:
-                running = list(obs)
-                batch = _stack_obs(space, [obs[i] for i in running])
-                actions = policy.compute_actions(obs_to_array(space, batch), explore).env_actions
-                for i, action in zip(running, actions):
-                    obs[i], reward, terminated, truncated, _ = envs[i].step(
-                        int(action) if np.ndim(action) == 0 else action)
-                    returns[i] += float(reward)
-                    lengths[i] += 1
-                    if terminated or truncated:
-                        del obs[i]
-        finally:
-            for e in envs.values():
-                e.close()
-    return (returns, lengths) if with_lengths else returns
+    envs: dict[int, gym.Env] = {}
+    try:
+        obs = {}
+        for i in indexes:
+            envs[i] = make_env(env, env_config)
+            obs[i], _ = envs[i].reset(seed=seed + i)
+        while obs:
+            running = list(obs)
+            batch = _stack_obs(space, [obs[i] for i in running])
+            actions = policy.compute_actions(obs_to_array(space, batch), explore).env_actions
+            for i, action in zip(running, actions):
+                obs[i], reward, terminated, truncated, _ = envs[i].step(int(action) if np.ndim(action) == 0 else action)
+                returns[i] += float(reward)
+                lengths[i] += 1
+                if terminated or truncated:
+                    del obs[i]
+    finally:
+        for e in envs.values():
+            e.close()
 
 
 def _stack_obs(space: gym.Space, items: list) -> Any:
@@ -331,11 +351,12 @@ class WorkerSet:
     every batch that ParallelRollouts samples (`write(batch)`, `close()`). Remote workers have
     `actor_start_timeout_s` to be placed and built (see ActorSet). `input_source`, when given,
     is where ParallelRollouts takes its batches from instead (`stream(workers)`: a policy server
-    for external applications, flowrl.connectors.external)."""
+    for external applications, flowrl.connectors.external). On a Ray cluster of several nodes
+    `placement_strategy` lays the remote workers out (flowrl.cluster; SPREAD: over every node)."""
 
     def __init__(self, num_workers: int = 0, num_cpus_per_worker: float = 1.0, max_restarts: int = 3,
                  output: Any = None, actor_start_timeout_s: float = 60.0, input_source: Any = None,
-                 **worker_kwargs: Any):
+                 placement_strategy: str = "SPREAD", **worker_kwargs: Any):
         self.output = output
         self.input_source = input_source
         if worker_kwargs.get("seed") is None:
@@ -347,7 +368,7 @@ class WorkerSet:
         self.remote_workers = ActorSet(RolloutWorker, num_workers, kwargs=worker_kwargs, name="RolloutWorker",
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
                                        index_offset=1,  # index 0 is the local worker
-                                       start_timeout_s=actor_start_timeout_s)
+                                       start_timeout_s=actor_start_timeout_s, placement_strategy=placement_strategy)
         self.remote_workers.on_replace.append(self._sync_replacement)
         self.remote_workers.on_start.append(self.sync_weights)
 

@@ -84,3 +84,73 @@ def ctrl_c(proc, timeout_s: float = 30.0) -> tuple[str, float]:
     finally:
         proc.kill()
     return (err if err is not None else out), time.monotonic() - t0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class local_cluster:
+    """A Ray cluster of `num_nodes` nodes of `num_cpus` logical CPUs each on this machine
+    (ray.cluster_utils.Cluster, each node its own raylet), for tests and benchmarks. Yields the
+    Cluster (`address`, `head_node`, `worker_nodes`, `remove_node`); this process does not join
+    it. Its address is not written to /tmp/ray/ray_current_cluster, where a plain `ray.init()`
+    of any process on the machine would find and join it. Token authentication is on when a
+    token is found locally, as for a head started with `ray start --head` (and as flowrl's join
+    then expects). A node that goes away is seen dead within about 2 s. Everything it started
+    ends on exit."""
+
+    def __init__(self, num_nodes: int = 2, num_cpus: float = 2):
+        self.num_nodes, self.num_cpus = num_nodes, num_cpus
+        self.cluster = None
+        self._auth_mode: str | None = None
+
+    def __enter__(self):
+        from unittest import mock
+
+        import ray._private.utils
+        from ray.cluster_utils import Cluster
+
+        from flowrl.executors import local_auth_token
+
+        if local_auth_token() is not None and "RAY_AUTH_MODE" not in os.environ:
+            self._set_auth_mode("token")
+        fast_health_checks = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                              "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
+        try:
+            with mock.patch.object(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None):
+                self.cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": self.num_cpus, "gcs_server_port": free_port(), "include_dashboard": False,
+                    "_system_config": fast_health_checks})
+            for _ in range(self.num_nodes - 1):
+                self.cluster.add_node(num_cpus=self.num_cpus)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.cluster
+
+    def _set_auth_mode(self, mode: str | None) -> None:
+        from ray._raylet import Config
+
+        if mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            self._auth_mode = mode
+            os.environ["RAY_AUTH_MODE"] = mode
+        Config.initialize("")  # Ray caches its config; this reads the variable again
+
+    def __exit__(self, *exc) -> None:
+        if self.cluster is not None:
+            import ray
+
+            if ray.is_initialized() and ray.get_runtime_context().gcs_address == self.cluster.address:
+                ray.shutdown()  # this process joined it: leave before its nodes go
+            self.cluster.shutdown()
+            self.cluster = None
+        if self._auth_mode is not None:
+            self._set_auth_mode(None)
+            self._auth_mode = None

@@ -2,15 +2,18 @@
 
 from flowrl.operators.concurrency import Concurrently, Dequeue, Enqueue, LearnerQueue
 from flowrl.operators.metrics import StandardMetricsReporting
-from flowrl.operators.replay import MixInReplay, Replay, ReplayBuffer, StoreToReplayBuffer
+from flowrl.operators.replay import (BatchReplayBuffer, MixInReplay, Replay, ReplayBuffer, StoreToReplayBuffer,
+                                     UpdatePriorities, check_replay_memory, weights_for_training_intensity)
 from flowrl.operators.rollouts import (ComputeAdvantages, ConcatBatches, Gather, ParallelRollouts, RecordSampled,
                                        SelectExperiences, StandardizeFields, trajectory_ends)
-from flowrl.operators.train import (AverageGradients, ApplyGradients, ComputeGradients, Gradients, TrainOneStep,
-                                    UpdateTargetNetwork, UpdateWeights)
+from flowrl.operators.train import (AverageGradients, ApplyGradients, ComputeGradients, Gradients,
+                                    LearningRateSchedule, TrainOneStep, UpdateTargetNetwork, UpdateWeights)
 
 __all__ = [
-    "ApplyGradients", "AverageGradients", "ComputeAdvantages", "ComputeGradients", "ConcatBatches", "Concurrently",
-    "Dequeue", "Enqueue", "Gather", "Gradients", "LearnerQueue", "MixInReplay", "ParallelRollouts", "RecordSampled",
-    "Replay", "ReplayBuffer", "SelectExperiences", "StandardMetricsReporting", "StandardizeFields",
-    "StoreToReplayBuffer", "TrainOneStep", "UpdateTargetNetwork", "UpdateWeights", "trajectory_ends",
+    "ApplyGradients", "AverageGradients", "BatchReplayBuffer", "ComputeAdvantages", "ComputeGradients",
+    "ConcatBatches", "Concurrently", "Dequeue", "Enqueue", "Gather", "Gradients", "LearnerQueue",
+    "LearningRateSchedule", "MixInReplay", "ParallelRollouts", "RecordSampled", "Replay", "ReplayBuffer",
+    "SelectExperiences", "StandardMetricsReporting", "StandardizeFields", "StoreToReplayBuffer", "TrainOneStep",
+    "UpdatePriorities", "UpdateTargetNetwork", "UpdateWeights", "check_replay_memory", "trajectory_ends",
+    "weights_for_training_intensity",
 ]

@@ -11,9 +11,10 @@ from flowrl.plan import PlanContext
 
 
 class StandardMetricsReporting:
-    """A plan's `report`: episode statistics over the last 100 finished episodes, RLlib's
-    aliases for the counters, and the learner's statistics (the item, when it is a Mapping).
-    How often a result is made is the plan's to say (`Plan(min_time_s=..., min_env_steps=...)`).
+    """A plan's `report`: episode statistics over the last `num_episodes` (at most 100) finished
+    episodes, RLlib's aliases for the counters, and the learner's statistics (the item, when it
+    is a Mapping). How often a result is made is the plan's to say (`Plan(min_time_s=...,
+    min_env_steps=...)`).
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -27,11 +28,18 @@ class StandardMetricsReporting:
 
     name = "StandardMetricsReporting"
 
+    def __init__(self, num_episodes: int = 100):
+        if not 1 <= num_episodes <= 100:
+            raise ValueError(f"num_episodes must be in [1, 100] (the episodes a plan keeps), got {num_episodes}")
+        self.num_episodes = num_episodes
+
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
 
     def __call__(self, item: Any) -> dict[str, Any]:
         episodes = self.ctx.episodes
+        if self.num_episodes < len(episodes):
+            episodes = list(episodes)[-self.num_episodes:]
         returns = np.array([r for r, _ in episodes], dtype=np.float64)
         lengths = np.array([n for _, n in episodes], dtype=np.float64)
         counters = self.ctx.counters

@@ -45,7 +45,7 @@ from flowrl.operators.concurrency import as_fraction
 from flowrl.returns import n_step_sums
 from flowrl.sample_batch import BatchLayout, SampleBatch
 from flowrl.segment_tree import MinTree, SumTree, update_together
-from flowrl.spaces import decode_spaces, encode_spaces
+from flowrl.spaces import action_row_layout, decode_spaces, encode_spaces, obs_row_layout
 from flowrl.stream import FlatMap, Map, OperatorError, PlanStructureError, Stream
 
 # What a stored row holds, and what sample() adds to it.
@@ -56,25 +56,6 @@ _ONE_STEP_INPUT = ("obs", "actions", "rewards", "new_obs", "terminateds")
 _N_STEP_INPUT = _ONE_STEP_INPUT + ("truncateds", "eps_id", "t")
 _STATE_VERSION = 1
 DEFAULT_BETA = 0.4   # Schaul et al.'s beta_0 for proportional prioritization
-
-
-def _obs_row(space: gym.Space) -> tuple[tuple[int, ...], np.dtype]:
-    """The per-row shape and dtype a rollout worker gives observations of `space` (see
-    flowrl.policy.obs_to_array): Box as it is (uint8 images stay uint8), the rest flattened."""
-    if isinstance(space, gym.spaces.Box):
-        return tuple(space.shape), np.dtype(space.dtype)
-    return (int(gym.spaces.flatdim(space)),), np.dtype(np.float32)
-
-
-def _action_row(space: gym.Space) -> tuple[tuple[int, ...], np.dtype]:
-    """The per-row shape and dtype of sampled actions (see TorchPolicy.compute_actions)."""
-    if isinstance(space, gym.spaces.Discrete):
-        return (), np.dtype(np.int64)
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return tuple(space.shape), np.dtype(np.int64)
-    if isinstance(space, gym.spaces.Box):
-        return tuple(space.shape), np.dtype(np.float32)
-    return (int(gym.spaces.flatdim(space)),), np.dtype(np.float32)
 
 
 def _tree_nbytes(capacity: int) -> int:
@@ -228,7 +209,7 @@ class ReplayBuffer:
         missing = [k for k in ("obs", "actions") if k not in spaces]
         if missing:
             raise ValueError(f"estimate_nbytes needs the spaces of {missing}; got {sorted(spaces)}")
-        (obs_shape, obs_dtype), (act_shape, act_dtype) = _obs_row(spaces["obs"]), _action_row(spaces["actions"])
+        (obs_shape, obs_dtype), (act_shape, act_dtype) = obs_row_layout(spaces["obs"]), action_row_layout(spaces["actions"])
         obs = math.prod(obs_shape) * obs_dtype.itemsize
         row = 2 * obs + math.prod(act_shape) * act_dtype.itemsize + 4 + 1 + 4   # rewards, terminateds, discounts
         return capacity * row + (_tree_nbytes(capacity) if prioritized else 0)

@@ -1,8 +1,10 @@
-"""Operators that learn and share what was learned: TrainOneStep, ComputeGradients,
-AverageGradients, ApplyGradients, UpdateWeights, UpdateTargetNetwork.
+"""Operators that learn and share what was learned: LearningRateSchedule, TrainOneStep,
+ComputeGradients, AverageGradients, ApplyGradients, UpdateWeights, UpdateTargetNetwork.
 
 A loss function has the signature `loss_fn(policy, batch: dict[str, Tensor]) -> (loss, stats)`
-where `stats` maps names to floats or 0-d tensors (reported as the learner's statistics).
+where `stats` maps names to floats or 0-d tensors (reported as the learner's statistics), or to
+numpy arrays with a value per row (a TD error for prioritized replay), which pass through
+TrainOneStep as arrays, joined over its minibatches in the order they were trained.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowrl.config import schedule_value
 from flowrl.plan import PlanContext
 from flowrl.policy import TorchPolicy
 from flowrl.rollout import WorkerSet
@@ -25,12 +28,18 @@ from flowrl.stream import FlatMap, Map
 LossFn = Callable[[TorchPolicy, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
 
-def _floats(stats: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in stats.items()}
+def _floats(stats: dict[str, Any]) -> dict[str, float | np.ndarray]:
+    return {k: v if isinstance(v, np.ndarray) else float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+            for k, v in stats.items()}
 
 
-def _mean_stats(all_stats: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([s[k] for s in all_stats])) for k in all_stats[0]} if all_stats else {}
+def _mean_stats(all_stats: list[dict[str, float | np.ndarray]]) -> dict[str, float | np.ndarray]:
+    """The mean of each statistic over minibatches; per-row arrays are joined instead."""
+    out: dict[str, float | np.ndarray] = {}
+    for k in all_stats[0] if all_stats else ():
+        values = [s[k] for s in all_stats]
+        out[k] = np.concatenate(values) if isinstance(values[0], np.ndarray) else float(np.mean(values))
+    return out
 
 
 def clip_and_step(policy: TorchPolicy, grad_clip: float | None) -> float | None:
@@ -39,6 +48,36 @@ def clip_and_step(policy: TorchPolicy, grad_clip: float | None) -> float | None:
         norm = float(torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip))
     policy.optimizer.step()
     return norm
+
+
+class LearningRateSchedule(Map):
+    """Sets the learner's learning rate from `schedule` ([[timestep, lr], ...], piecewise
+    linear in the env steps sampled so far; None: `lr` throughout) before each training
+    step. Passes its input on unchanged and reports `lr`. Every built-in plan with an
+    optimizer puts one before its training step, so `lr_schedule` means the same in all.
+
+    >>> from flowrl.plan import Plan
+    >>> from flowrl.stream import Stream
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> op = LearningRateSchedule(workers, lr=0.1, schedule=[[0, 0.01], [1000, 0.0]])
+    >>> with Plan(Stream.from_iterable(range(3)).then(op)) as plan:
+    ...     plan.ctx.counters["num_env_steps_sampled"] = 250
+    ...     result = plan.step()
+    >>> result["lr"], workers.policy.optimizer.param_groups[0]["lr"]
+    (0.0075, 0.0075)
+    """
+
+    def __init__(self, workers: WorkerSet, lr: float, schedule: list | None):
+        self.workers, self.lr, self.schedule = workers, lr, schedule
+
+    def setup(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, item: Any) -> Any:
+        lr = schedule_value(self.schedule, self.ctx.counters["num_env_steps_sampled"], self.lr)
+        self.workers.policy.set_lr(lr)
+        self.ctx.info["lr"] = lr
+        return item
 
 
 class TrainOneStep(Map):
@@ -244,8 +283,12 @@ class UpdateWeights(Map):
 
 
 class UpdateTargetNetwork(Map):
-    """Copies the learner's weights into `policy.target_model` every `every_steps` trained env
-    steps (creating it on first use). Passes its input on and reports the number of updates.
+    """Every `every_steps` trained env steps, moves `policy.target_model` towards the learner's
+    network: theta_target <- tau * theta + (1 - tau) * theta_target. `tau=1.0` (the default) is
+    a copy, as in DQN; a small tau with `every_steps=1` is the Polyak averaging of SAC (Lillicrap
+    et al. 2016). The network followed is `policy.target_source` where the policy has one (SAC:
+    its critics), else `policy.model`; the target is a copy of it made on first use. Passes its
+    input on and reports the number of updates.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -258,22 +301,32 @@ class UpdateTargetNetwork(Map):
     (1, True)
     """
 
-    def __init__(self, workers: WorkerSet, every_steps: int):
+    def __init__(self, workers: WorkerSet, every_steps: int, tau: float = 1.0):
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
         self.workers = workers
         self.every_steps = every_steps
+        self.tau = float(tau)
         self.last_update = 0
         self.num_updates = 0
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
         policy = self.workers.policy
+        self.source = getattr(policy, "target_source", policy.model)
         if getattr(policy, "target_model", None) is None:
-            policy.target_model = copy.deepcopy(policy.model).requires_grad_(False)
+            policy.target_model = copy.deepcopy(self.source).requires_grad_(False)
 
     def __call__(self, item: Any) -> Any:
         trained = self.ctx.counters["num_env_steps_trained"]
         if trained - self.last_update >= self.every_steps:
-            self.workers.policy.target_model.load_state_dict(self.workers.policy.model.state_dict())
+            target = self.workers.policy.target_model
+            if self.tau == 1.0:
+                target.load_state_dict(self.source.state_dict())
+            else:
+                with torch.no_grad():
+                    for theta_target, theta in zip(target.parameters(), self.source.parameters()):
+                        theta_target.lerp_(theta, self.tau)
             self.last_update = trained
             self.num_updates += 1
         self.ctx.info["num_target_updates"] = self.num_updates

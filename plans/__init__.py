@@ -3,7 +3,8 @@
 "package.module:function" (its config is then `CommonConfig` unless the function has a
 `config_class` attribute). Offline plans (BC, MARWIL) train from `config.input`; for them the
 env is optional (used for evaluation), and `check_input(config, env_spaces)` vets the dataset
-before a run starts."""
+before a run starts. Plans that need a kind of env (DQN: Discrete actions, SAC: Box) vet its
+spaces with `check_env(config, env_spaces)` when the plan file is loaded."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Callable
 from flowrl.config import CommonConfig
 from flowrl.plans.a2c import A2CConfig, build_a2c_plan
 from flowrl.plans.appo import APPOConfig, build_appo_plan
+from flowrl.plans.dqn import DQNConfig, build_dqn_plan, check_dqn_env
 from flowrl.plans.marwil import BCConfig, MARWILConfig, build_bc_plan, build_marwil_plan, check_input
 from flowrl.plans.ppo import PPOConfig, build_ppo_plan
+from flowrl.plans.sac import SACConfig, build_sac_plan, check_sac_env
 from flowrl.policy import resolve_class
 
 
@@ -24,6 +27,7 @@ class PlanSpec:
     config_class: type
     build: Callable
     check_input: Callable | None = None  # offline plans: vets config.input, returns the spaces
+    check_env: Callable | None = None    # vets the config against the env's spaces (raises EnvError, ConfigError)
 
 
 BUILTIN_PLANS = {
@@ -32,6 +36,8 @@ BUILTIN_PLANS = {
     "APPO": PlanSpec("APPO", APPOConfig, build_appo_plan),
     "BC": PlanSpec("BC", BCConfig, build_bc_plan, check_input),
     "MARWIL": PlanSpec("MARWIL", MARWILConfig, build_marwil_plan, check_input),
+    "DQN": PlanSpec("DQN", DQNConfig, build_dqn_plan, check_env=check_dqn_env),
+    "SAC": PlanSpec("SAC", SACConfig, build_sac_plan, check_env=check_sac_env),
 }
 
 
@@ -54,5 +60,5 @@ def resolve_plan(name: str) -> PlanSpec:
 
 
 __all__ = ["BUILTIN_PLANS", "PlanSpec", "resolve_plan", "PPOConfig", "A2CConfig", "APPOConfig", "BCConfig",
-           "MARWILConfig", "build_ppo_plan", "build_a2c_plan", "build_appo_plan", "build_bc_plan",
-           "build_marwil_plan"]
+           "DQNConfig", "MARWILConfig", "SACConfig", "build_ppo_plan", "build_a2c_plan", "build_appo_plan",
+           "build_bc_plan", "build_dqn_plan", "build_marwil_plan", "build_sac_plan"]

@@ -2,6 +2,8 @@
 learner thread, fed through a bounded queue, corrects for the policy lag with V-trace
 (Espeholt et al. 2018) and optimizes a clipped surrogate against a target network that is
 updated every `target_update_freq` trained steps. Weights go out without blocking sampling.
+Each result reports the policy lag of the batch it trained (`mean_policy_lag`, `max_policy_lag`:
+weight versions between the learner and the policy that sampled each row; PolicyLag).
 
 mu is the behaviour policy (the worker's, `action_logp`), pi_target the target network and
 pi the policy being trained. V-trace runs with pi_target as its target policy, so the
@@ -89,6 +91,36 @@ class VTraceTargets(Map):
         return batch.with_columns(target_logp=target_logp.astype(np.float32), vs=vs, pg_advantages=pg_advantages)
 
 
+class PolicyLag(Map):
+    """Measures how far behind the learner the policy that sampled each row of a batch was: the
+    learner's weights_version when the batch is trained minus the row's `weights_version` (0:
+    sampled with the very weights being trained). Passes its batch on; `add_to_stats`, put after
+    the training step, adds `mean_policy_lag` and `max_policy_lag` of that batch to the learner's
+    statistics, so a result reports the lag of the batch whose training it reports.
+
+    >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
+    >>> workers.policy.weights_version = 5
+    >>> lag = PolicyLag(workers)
+    >>> _ = lag(SampleBatch({"weights_version": np.array([5, 3, 4, 1])}))
+    >>> lag.add_to_stats({"total_loss": 0.5})
+    {'total_loss': 0.5, 'mean_policy_lag': 1.75, 'max_policy_lag': 4}
+    """
+
+    def __init__(self, workers: WorkerSet):
+        self.workers = workers
+        self.last: dict[str, float] = {}
+
+    def __call__(self, batch: SampleBatch) -> SampleBatch:
+        lag = self.workers.policy.weights_version - batch["weights_version"]
+        self.last = {"mean_policy_lag": float(lag.mean()) if len(lag) else 0.0,
+                     "max_policy_lag": int(lag.max(initial=0))}
+        return batch
+
+    def add_to_stats(self, stats: dict) -> dict:
+        # The learner's operators run one batch at a time, in order: `last` is this batch's.
+        return {**stats, **self.last}
+
+
 def appo_loss(policy, batch, config: APPOConfig):
     dist_inputs, values = policy.model(batch["obs"])
     dist = policy.dist(dist_inputs)
@@ -110,6 +142,7 @@ def build_appo_plan(workers: WorkerSet, config: APPOConfig) -> Plan:
         return appo_loss(policy, batch, config)
 
     learner_queue = LearnerQueue(config.learner_queue_size)
+    lag = PolicyLag(workers)
     sample = (ParallelRollouts(workers, Gather.ASYNC, max_in_flight=config.max_in_flight)
               .then(ConcatBatches(min_batch_size=config.train_batch_size))
               .then(Enqueue(learner_queue)))
@@ -117,8 +150,10 @@ def build_appo_plan(workers: WorkerSet, config: APPOConfig) -> Plan:
              .then(UpdateTargetNetwork(workers, config.target_update_freq))
              .then(VTraceTargets(workers, config))
              .then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
+             .then(lag)
              .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
                                 seed=config.seed))
+             .map(lag.add_to_stats, name="PolicyLag.add_to_stats")
              .then(UpdateWeights(workers, wait=False))
              .through_thread(maxsize=1, name="learner"))
     train = Concurrently({"sample": sample, "train": learn}, output="train", order=Order.AS_READY)

@@ -57,6 +57,10 @@ class MARWILConfig(CommonConfig):
     off_policy_estimation_episodes: int = 100  # recorded episodes for IS/WIS estimates; 0: none
     off_policy_estimation_interval: int = 10
 
+    def check_input(self) -> None:  # `input` is a dataset here (checked below), not a policy server
+        if self.external:
+            raise ConfigError("external", "offline plans read a dataset (input); they serve no clients")
+
     def validate(self) -> None:
         super().validate()
         if self.input is None:

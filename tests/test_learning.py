@@ -1,9 +1,12 @@
 """Learning checks for CI: one seed, small budgets. The full table (3 seeds, the issue's
-budgets) is benchmarks/learning.py. On the local executor a seeded run is deterministic."""
+budgets) is benchmarks/learning.py. On the local executor a seeded run is deterministic.
+
+Each bound sits below what seeds 0, 1 and 2 all reach within the budget (measured with
+`benchmarks/learning.py --budgets ci`): A2C 463 / 407 at 150k steps (seed 2 stops at 479 after
+135k), APPO (2 workers, local executor) 401 / 326 / 344 at 60k, PPO on Pendulum -289 / -228 /
+-260 at 100k; random play scores about 22 on CartPole and -1200 on Pendulum."""
 
 from pathlib import Path
-
-import pytest
 
 from flowrl.experiment import load_experiments, run_experiment
 
@@ -21,16 +24,16 @@ def test_ppo_cartpole_reaches_475_within_100k_steps(tmp_path):
 
 
 def test_a2c_cartpole_learns(tmp_path):
-    result = train("a2c_cartpole", tmp_path, overrides=[("stop.timesteps_total", 60_000)])
-    assert result["episode_return_mean"] >= 150
+    result = train("a2c_cartpole", tmp_path, overrides=[("stop.timesteps_total", 150_000)])
+    assert result["episode_return_mean"] >= 350
 
 
 def test_appo_cartpole_learns_with_a_learner_thread(tmp_path):
-    result = train("appo_cartpole", tmp_path, overrides=[("stop.timesteps_total", 40_000)])
-    assert result["episode_return_mean"] >= 100
+    result = train("appo_cartpole", tmp_path, overrides=[("stop.timesteps_total", 60_000)])
+    assert result["episode_return_mean"] >= 300
     assert result["num_env_steps_trained"] > 0.5 * result["num_env_steps_sampled"]
 
 
 def test_ppo_pendulum_improves_with_gaussian_actions(tmp_path):
-    result = train("ppo_pendulum", tmp_path, overrides=[("stop.timesteps_total", 40_000)])
-    assert result["episode_return_mean"] >= -1000  # random play scores about -1200
+    result = train("ppo_pendulum", tmp_path, overrides=[("stop.timesteps_total", 100_000)])
+    assert result["episode_return_mean"] >= -400
