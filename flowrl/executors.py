@@ -139,6 +139,9 @@ class Executor:
         """End an actor; with `wait`, return only once it is seen dead."""
         raise NotImplementedError
 
+    def wait_dead(self, handle: Any, timeout_s: float = 10.0) -> None:
+        """Return once a killed actor is seen dead (at most `timeout_s`); local actors die at once."""
+
     def reserve(self, name: str, num_actors: int, num_cpus: float) -> None:
         """Claim CPUs for `num_actors` actors of `num_cpus` each before they are created;
         raises ActorPlacementError when the executor could never place them all."""
@@ -349,11 +352,17 @@ class RayExecutor(Executor):
 
     def kill(self, handle, wait: bool = False):
         import ray
-        from ray.exceptions import RayActorError
 
         ray.kill(handle, no_restart=True)
-        deadline = time.monotonic() + 10
-        while wait and time.monotonic() < deadline:  # ray.kill lands asynchronously
+        if wait:
+            self.wait_dead(handle)
+
+    def wait_dead(self, handle, timeout_s: float = 10.0) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # ray.kill lands asynchronously
             try:
                 ray.get(handle.__ray_ready__.remote(), timeout=1)
             except RayActorError:
@@ -639,6 +648,12 @@ class ActorSet:
         for handle in self._handles:
             try:
                 self._executor.kill(handle)
+            except Exception:
+                pass
+        # Kill all first, then wait: an actor still alive after close() would take calls and CPUs.
+        for handle in self._handles:
+            try:
+                self._executor.wait_dead(handle)
             except Exception:
                 pass
         if self._placement is not None:
