@@ -307,19 +307,22 @@ class UpdateTargetNetwork(Map):
         self.workers = workers
         self.every_steps = every_steps
         self.tau = float(tau)
-        self.last_update = 0
-        self.num_updates = 0
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
+        for key in ("last_target_update_step", "num_target_updates"):
+            ctx.counters.setdefault(key, 0)
         policy = self.workers.policy
         self.source = getattr(policy, "target_source", policy.model)
         if getattr(policy, "target_model", None) is None:
             policy.target_model = copy.deepcopy(self.source).requires_grad_(False)
 
     def __call__(self, item: Any) -> Any:
-        trained = self.ctx.counters["num_env_steps_trained"]
-        if trained - self.last_update >= self.every_steps:
+        # The step of the last update and the update count are plan counters, so that a resumed
+        # run keeps the target network's schedule.
+        counters = self.ctx.counters
+        trained = counters["num_env_steps_trained"]
+        if trained - counters["last_target_update_step"] >= self.every_steps:
             target = self.workers.policy.target_model
             if self.tau == 1.0:
                 target.load_state_dict(self.source.state_dict())
@@ -327,7 +330,6 @@ class UpdateTargetNetwork(Map):
                 with torch.no_grad():
                     for theta_target, theta in zip(target.parameters(), self.source.parameters()):
                         theta_target.lerp_(theta, self.tau)
-            self.last_update = trained
-            self.num_updates += 1
-        self.ctx.info["num_target_updates"] = self.num_updates
+            counters["last_target_update_step"] = trained
+            counters["num_target_updates"] += 1
         return item

@@ -251,6 +251,7 @@ def test_checkpoint_resume_and_eval_of_a_dqn_run(tmp_path, capsys):
         "env": "CartPole-v1", "run": "DQN", "stop": {"timesteps_total": 2048},
         "config": {"learning_starts": 500, "timesteps_per_iteration": 512, "checkpoint_freq": 1,
                    "checkpoint_replay_buffer": True, "evaluation_interval": 0, "training_intensity": 4,
+                   "target_network_update_freq": 1024,
                    "seed": 0}}}))
     assert main(["run", str(plan), "--output-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
@@ -275,6 +276,11 @@ def test_checkpoint_resume_and_eval_of_a_dqn_run(tmp_path, capsys):
     assert rows[-1]["timesteps_total"] == 3072
     # the buffer came back full: training went on from the first resumed iteration
     assert rows[-1]["replay_buffer_size"] == 3072
+    # the target network's schedule went on too: its update count did not restart at 0
+    resumed = next(i for i, row in enumerate(rows) if row["timesteps_total"] > 2048)
+    assert rows[resumed - 1]["num_target_updates"] >= 1
+    assert rows[resumed]["num_target_updates"] >= rows[resumed - 1]["num_target_updates"]
+    assert all(0 <= row["num_env_steps_trained"] - row["last_target_update_step"] for row in rows)
 
 
 # ---- bad input -------------------------------------------------------------------------------
