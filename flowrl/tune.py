@@ -72,13 +72,16 @@ def trainable(plan: Any, env: str | None = None, stop: dict[str, Any] | None = N
 
 
 def trial_resources(config_class: type, config: dict[str, Any]):
-    """One bundle for the trial itself (the learner), one per rollout worker."""
+    """One bundle for the trial itself (the learner), one per rollout worker, laid out over the
+    nodes as `worker_placement_strategy` says (DEFAULT: Tune's PACK)."""
     from ray.tune import PlacementGroupFactory
 
     defaults = config_class()
     num_workers = int(config.get("num_workers", defaults.num_workers))
     per_worker = float(config.get("num_cpus_per_worker", defaults.num_cpus_per_worker))
-    return PlacementGroupFactory([{"CPU": 1.0}] + [{"CPU": per_worker}] * num_workers)
+    strategy = str(config.get("worker_placement_strategy", defaults.worker_placement_strategy))
+    return PlacementGroupFactory([{"CPU": 1.0}] + [{"CPU": per_worker}] * num_workers,
+                                 strategy="PACK" if strategy == "DEFAULT" else strategy)
 
 
 def _train_trial(spec, env, stop, output_dir: Path | None, name, checkpoint_freq, config: dict[str, Any]) -> None:
@@ -217,6 +220,7 @@ def run_sweep(exp: Experiment, output_dir: str | os.PathLike = "runs", num_sampl
     name, config (its search-space keys), iterations, timesteps_total, the metric, run_dir, error."""
     from ray import tune
 
+    from flowrl.cluster import runtime_env_for
     from flowrl.executors import RayExecutor
     from flowrl.experiment import claim_dir, point_latest
 
@@ -227,7 +231,10 @@ def run_sweep(exp: Experiment, output_dir: str | os.PathLike = "runs", num_sampl
         if value is not None and value < 1:
             raise ExperimentError(f"{flag}: must be >= 1, got {value}")
     sched = make_scheduler(scheduler, exp, max_t, grace_period, perturbation_interval)
-    ray_executor = RayExecutor(num_cpus=num_cpus, address=address, quiet=quiet, connect_timeout_s=connect_timeout_s)
+    # Joining a cluster, the Ray job ships the user code the experiment names to every node (flowrl.cluster).
+    runtime_env = runtime_env_for(exp.env, exp.config, exp.plan_name) if address else None
+    ray_executor = RayExecutor(num_cpus=num_cpus, address=address, quiet=quiet, connect_timeout_s=connect_timeout_s,
+                               runtime_env=runtime_env)
     ray_executor.start()  # joins a Ray already running in this process, else starts one (or joins address)
     try:
         experiment_dir = Path(output_dir) / exp.name

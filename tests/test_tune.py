@@ -115,6 +115,44 @@ def test_search_spaces_become_tune_domains_and_pbt_mutations(tmp_path):
     assert trial_resources(type(exp.config), {"num_workers": 2, "num_cpus_per_worker": 0.5}).bundles == \
         [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
     assert trial_resources(type(exp.config), {}).bundles == [{"CPU": 1.0}]
+    # Laid out over the nodes as worker_placement_strategy says (SPREAD by default).
+    assert trial_resources(type(exp.config), {"num_workers": 2}).strategy == "SPREAD"
+    assert trial_resources(type(exp.config), {"worker_placement_strategy": "STRICT_PACK"}).strategy == "STRICT_PACK"
+    assert trial_resources(type(exp.config), {"worker_placement_strategy": "DEFAULT"}).strategy == "PACK"
+
+
+def test_flowrl_tune_with_an_address_ships_the_user_code_to_the_cluster(tmp_path, monkeypatch):
+    # As flowrl run --address does (tests/test_cluster.py): the Ray job gets a runtime_env with
+    # the directory of the user's env module. Nothing is joined: the executor is stood in for.
+    import flowrl.executors
+    from flowrl.tune import run_sweep
+
+    (tmp_path / "my_sweep_env.py").write_text("import gymnasium as gym\n\n"
+                                              "def make(**kw):\n    return gym.make('CartPole-v1')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = {}
+
+    class Joined(Exception):
+        pass
+
+    class FakeRay:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def start(self):
+            raise Joined
+
+    monkeypatch.setattr(flowrl.executors, "RayExecutor", FakeRay)
+    path = plan_file(tmp_path, {"lr": {"grid_search": [1e-3, 3e-4]}})
+    path.write_text(path.read_text().replace("CartPole-v1", "my_sweep_env:make"))
+    (exp,) = load_experiments(path, search_spaces=True)
+    with pytest.raises(Joined):
+        run_sweep(exp, tmp_path / "runs", address="127.0.0.1:6379")
+    assert seen["address"] == "127.0.0.1:6379"
+    assert seen["runtime_env"]["working_dir"] == str(tmp_path)
+    with pytest.raises(Joined):
+        run_sweep(exp, tmp_path / "runs")  # a local Ray sees the driver's files: nothing to ship
+    assert seen["runtime_env"] is None
 
 
 # ---- sweeps ------------------------------------------------------------------------------------------
