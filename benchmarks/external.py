@@ -6,9 +6,10 @@ CartPole-v1 with the default MLP policy, every server on 127.0.0.1, every client
   (1) remote inference: `--clients` clients step their envs with get_action + log_returns (one
       round trip per step) while the plan's thread takes batches: actions/s in all, and the
       p50/p99 latency of get_action as the clients see it;
-  (2) local inference: the same clients act with pulled weights and send rows in batches:
-      env steps/s in all, against a rollout worker sampling the same env alone (8 sub-envs,
-      and 1), goal >= 0.5x;
+  (2) local inference: clients act with pulled weights and send rows in batches: env steps/s
+      of 1 client against a rollout worker sampling the same env alone with 1 sub-env (goal
+      >= 0.5x), and of `--clients` clients against a worker with as many sub-envs, which
+      computes one forward pass for all of them (a client's env steps one at a time);
   (3) `flowrl serve`: 4 client processes sending requests of 1 and of 64 observations:
       requests/s and p99 latency;
   (4) with --learning: PPO (examples/ppo_cartpole.yaml's settings) trained only through 4
@@ -258,11 +259,13 @@ def main() -> None:
           f"{remote['p50_ms']:.2f} ms, p99 {remote['p99_ms']:.2f} ms ({remote['steps']:,} steps, "
           f"{remote['rejected']} rejected)")
     local = clients_against_server("local", args.clients, args.seconds)
-    worker8 = rollout_worker_steps_per_s(8, args.seconds / 2)
+    local1 = clients_against_server("local", 1, args.seconds)
+    worker_n = rollout_worker_steps_per_s(args.clients, args.seconds / 2)
     worker1 = rollout_worker_steps_per_s(1, args.seconds / 2)
-    print(f"(2) local inference, {args.clients} clients: {local['steps_per_s']:,.0f} env steps/s; a rollout worker "
-          f"alone: {worker8:,.0f} (8 sub-envs), {worker1:,.0f} (1 sub-env); ratio {local['steps_per_s'] / worker8:.2f}x "
-          f"and {local['steps_per_s'] / worker1:.2f}x (goal >= 0.5x)")
+    print(f"(2) local inference: 1 client (one env) {local1['steps_per_s']:,.0f} env steps/s against a rollout "
+          f"worker with 1 sub-env {worker1:,.0f}: {local1['steps_per_s'] / worker1:.2f}x (goal >= 0.5x); "
+          f"{args.clients} clients {local['steps_per_s']:,.0f} against a worker with {args.clients} sub-envs "
+          f"(one forward pass for all) {worker_n:,.0f}: {local['steps_per_s'] / worker_n:.2f}x")
     served = serve_benchmark(args.seconds)
     for batch, r in served.items():
         print(f"(3) flowrl serve, 4 clients, {batch} observation{'s' if batch > 1 else ''} per request: "

@@ -244,6 +244,8 @@ class ActorCritic(nn.Module):
         self.pi = _mlp(n_in, hidden, activation, num_outputs, out_std=0.01)
         self.vf = _mlp(n_in, hidden, activation, 1, out_std=1.0)
         self._steps = None  # built on first forward
+        self._numpy_params: tuple | None = None  # numpy_forward's parameters and views of them
+        self._numpy_cache: tuple | None = None
 
     def forward(self, obs: torch.Tensor):
         if self._steps is None:
@@ -253,6 +255,74 @@ class ActorCritic(nn.Module):
         if features.dtype != torch.float32:
             features = features.float()
         return _apply(pi, features), _apply(vf, features).squeeze(-1)
+
+    def numpy_forward(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """`forward` in numpy, on views of the parameters (no copies: the optimizer and
+        load_state_dict update them in place), for MLPs of Linear, Tanh and ReLU layers; None
+        for other models (images, other activations, parameters off the CPU). On the small
+        batches rollouts compute it is 2-3x faster than torch: one CartPole observation takes
+        11 us against 22 us, 64 take 29 us against 71 us."""
+        views = self._numpy_views()
+        if views is None:
+            return None
+        encoder, pi, vf = views
+        features = _apply_numpy(encoder, np.asarray(obs, dtype=np.float32))
+        return _apply_numpy(pi, features), _apply_numpy(vf, features)[..., 0]
+
+    def _numpy_views(self):
+        # Rebuilt whenever a parameter's storage changed (a move between devices, say).
+        if self._numpy_params is None:
+            self._numpy_params = tuple(self.parameters())
+        key = tuple([p.data_ptr() for p in self._numpy_params])
+        if self._numpy_cache is None or self._numpy_cache[0] != key:
+            on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in self._numpy_params)
+            self._numpy_cache = (key, _numpy_calls(self.encoder, self.pi, self.vf) if on_cpu else None)
+        return self._numpy_cache[1]
+
+
+def _numpy_calls(*modules: nn.Module) -> tuple[list, ...] | None:
+    """Each module's layers as numpy calls ((W^T, b) for a Linear layer), or None if a layer
+    has no numpy form here."""
+    out = []
+    for module in modules:
+        calls: list = []
+        for layer in list(module) if isinstance(module, nn.Sequential) else [module]:
+            if type(layer) is nn.Linear:
+                calls.append((layer.weight.detach().numpy().T,
+                              None if layer.bias is None else layer.bias.detach().numpy()))
+            elif type(layer) is nn.Tanh:
+                calls.append(np.tanh)
+            elif type(layer) is nn.ReLU:
+                calls.append(_relu)
+            elif type(layer) is nn.Flatten and layer.start_dim == 1 and layer.end_dim == -1:
+                calls.append(_flatten_rows)
+            else:
+                return None
+        out.append(calls)
+    return tuple(out)
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0, dtype=x.dtype)
+
+
+def _flatten_rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1)
+
+
+def _apply_numpy(calls: list, x: np.ndarray) -> np.ndarray:
+    for call in calls:
+        if type(call) is tuple:
+            weight_t, bias = call
+            x = x @ weight_t if bias is None else x @ weight_t + bias
+        else:
+            x = call(x)
+    return x
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _layer_calls(module: nn.Module) -> list:
@@ -347,16 +417,15 @@ class TorchPolicy:
         observations. The sampling is done here in numpy rather than through
         torch.distributions, whose construction costs more than the model itself on small
         batches; `dist()` gives the same log-probabilities for the losses."""
-        with torch.inference_mode():
-            dist_inputs, values = self.model(self.to_tensor(obs))
-            if isinstance(self.action_space, gym.spaces.Box):
-                mean, log_std = dist_inputs.numpy(), self.log_std.numpy()
-            else:
-                logp_all = torch.log_softmax(dist_inputs, -1) if isinstance(self.action_space, gym.spaces.Discrete) \
-                    else torch.cat([torch.log_softmax(c, -1) for c in torch.split(dist_inputs, self._nvec, -1)], -1)
-                logp_all = logp_all.numpy()
-        values = values.numpy().astype(np.float32)
+        dist_inputs, values = self._forward_numpy(obs)
         space = self.action_space
+        if isinstance(space, gym.spaces.Box):
+            mean, log_std = dist_inputs, self.log_std.detach().numpy()
+        elif isinstance(space, gym.spaces.Discrete):
+            logp_all = _log_softmax(dist_inputs)
+        else:
+            logp_all = np.concatenate([_log_softmax(c) for c in np.split(dist_inputs, np.cumsum(self._nvec)[:-1], -1)],
+                                      -1)
         if isinstance(space, gym.spaces.Box):
             std = np.exp(log_std)
             actions = mean + std * self.rng.standard_normal(mean.shape) if explore else mean
@@ -385,8 +454,18 @@ class TorchPolicy:
         return actions.astype(np.int64), logp_all[np.arange(len(actions)), actions].astype(np.float32)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.model(self.to_tensor(obs))[1].numpy().astype(np.float32)
+        return self._forward_numpy(obs)[1]
+
+    def _forward_numpy(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's (dist_inputs, values) for a batch, as float32 numpy arrays: through the
+        model's numpy form where it has one (ActorCritic MLPs), else through torch."""
+        numpy_forward = getattr(self.model, "numpy_forward", None)
+        out = numpy_forward(obs) if numpy_forward is not None else None
+        if out is None:
+            with torch.inference_mode():
+                dist_inputs, values = self.model(self.to_tensor(obs))
+                out = dist_inputs.float().numpy(), values.numpy()
+        return out[0], out[1].astype(np.float32, copy=False)
 
     # ---- learning -------------------------------------------------------------------------------
     @property

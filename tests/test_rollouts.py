@@ -142,6 +142,50 @@ def test_models_for_image_dict_and_tuple_observations(obs_space, act_space):
         assert act_space.contains(np.asarray(a, dtype=act_space.dtype) if act_space.shape else int(a))
 
 
+@pytest.mark.parametrize("act_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,)),
+                                       gym.spaces.MultiDiscrete([2, 3])])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_numpy_inference_follows_the_torch_model_through_updates_loads_and_copies(act_space, activation):
+    import copy
+
+    policy = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), act_space, model={"activation": activation}, seed=0)
+    obs = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+
+    def assert_same(model):
+        logits, values = model(torch.as_tensor(obs))
+        fast = model.numpy_forward(obs)
+        np.testing.assert_allclose(fast[0], logits.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fast[1], values.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+    assert_same(policy.model)
+    loss = sum(p.square().sum() for p in policy.model.parameters())
+    loss.backward()
+    policy.optimizer.step()  # updates the parameters in place: the numpy views see it
+    assert_same(policy.model)
+    other = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), act_space, model={"activation": activation}, seed=1)
+    policy.set_weights(other.get_weights())
+    assert_same(policy.model)
+    target = copy.deepcopy(policy.model)  # a target network: views of its own parameters
+    with torch.no_grad():
+        for p in target.parameters():
+            p.mul_(0.5)
+    assert_same(target)
+    assert_same(policy.model)
+    out = policy.compute_actions(obs, explore=False)
+    logits, _ = policy.model(torch.as_tensor(obs))
+    expected = policy.dist(logits).log_prob(torch.as_tensor(out.actions)).detach().numpy()
+    np.testing.assert_allclose(out.logp, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_a_numpy_form_act_through_torch():
+    image = TorchPolicy(gym.spaces.Box(0, 255, (16, 16, 3), np.uint8), gym.spaces.Discrete(3), seed=0)
+    elu = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), model={"activation": "elu"}, seed=0)
+    assert image.model.numpy_forward(np.zeros((1, 16, 16, 3), np.uint8)) is None
+    assert elu.model.numpy_forward(np.zeros((1, 4), np.float32)) is None
+    out = elu.compute_actions(np.zeros((3, 4), np.float32))
+    assert out.logp.shape == (3,) and out.values.dtype == np.float32
+
+
 def test_greedy_actions_are_the_mode():
     policy = TorchPolicy(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2), seed=0)
     obs = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
