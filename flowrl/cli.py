@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -378,5 +379,18 @@ def _main(argv: list[str] | None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `flowrl` command: main(), then exit. A `ray.init` still waiting on a cluster that never
+    answered (its thread is abandoned after --connect-timeout or Ctrl-C) can crash the
+    interpreter's finalization inside Ray's C++ client (std::bad_alloc, exit -6), so then the
+    process leaves at once, after flushing what it printed."""
+    code = main()
+    if any(t.name == "ray-join" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
