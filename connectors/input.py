@@ -420,6 +420,11 @@ class Dataset:
     def open(cls, spec: Any) -> "Dataset":
         if isinstance(spec, str) and spec.startswith("minari:"):
             return cls(_Minari(spec[len("minari:"):]), "minari", spec)
+        from flowrl.connectors.multi_agent import policy_ids
+
+        if (policies := policy_ids(spec)) is not None:  # rows of several policies, whose spaces may differ
+            raise DatasetError(f"{os.fspath(spec)}: a multi-agent dataset; read one policy's rows (input_policy_id: "
+                               f"one of {', '.join(policies)})")
         files = resolve_files(spec)
         fmt = _format_of(files)
         if fmt == "json" and any(is_uri(f) for f in files):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from flowrl.connectors.input import Dataset
+from flowrl.connectors.multi_agent import open_policy, policy_ids
 from flowrl.connectors.reader import episode_breaks
 
 
@@ -37,8 +38,15 @@ def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
         "chunks": len(dataset.chunks), "rows": 0, "columns": columns,
         "spaces": {k: str(v) for k, v in dataset.spaces.items()},
     }
+    if "agent_id" in dataset.columns:  # a policy of a multi-agent recording: rows per agent
+        counts: dict[str, int] = {}
+        for chunk in dataset.chunks:
+            for item in dataset.read(chunk, ["agent_id"]).column("agent_id").value_counts().to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        info["agents"] = dict(sorted(counts.items()))
+    numeric = [c for c in dataset.columns if c not in ("agent_id", "policy_id")]
     wanted = [c for c in ("eps_id", "t", "rewards", "terminateds", "truncateds") if c in dataset.columns]
-    parts = list(dataset.scan(wanted or [dataset.columns[0]]))
+    parts = list(dataset.scan(wanted or [numeric[0]]))
     info["rows"] = int(sum(len(next(iter(p.values()))) for p in parts))
     if "eps_id" not in wanted:
         return info
@@ -66,7 +74,26 @@ def inspect_dataset(dataset: Dataset) -> dict[str, Any]:
     return info
 
 
+def inspect_path(path: str) -> dict[str, Any]:
+    """`inspect_dataset` of the dataset at `path`; of a multi-agent recording (connectors.multi_agent),
+    its total rows and, under `policies`, that of each policy's dataset."""
+    policies = policy_ids(path)
+    if policies is None:
+        return inspect_dataset(Dataset.open(path))
+    infos = {pid: inspect_dataset(open_policy(path, pid)) for pid in policies}  # episodes: agent trajectories
+    return {"path": path, "format": "multi-agent", "rows": sum(i["rows"] for i in infos.values()),
+            "policies": infos}
+
+
 def format_info(info: dict[str, Any]) -> str:
+    if "policies" in info:
+        n = len(info["policies"])
+        lines = [f"{info['path']}: multi-agent, {n} polic{'y' if n == 1 else 'ies'}, {info['rows']:,} rows "
+                 "(episodes: each agent's trajectory)"]
+        for pid, policy in info["policies"].items():
+            lines.append(f"policy {pid}: {policy['rows']:,} rows")
+            lines.extend("  " + line for line in format_info(policy).splitlines())
+        return "\n".join(lines)
     lines = [f"{info['path']}: {info['format']}, {info['files']} file(s), {info['chunks']} chunk(s), "
              f"{info['rows']:,} rows"]
     lines.append("columns:")
@@ -77,6 +104,8 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("spaces:")
         for name, s in info["spaces"].items():
             lines.append(f"  {name:<14} {s}")
+    if info.get("agents"):
+        lines.append("agents: " + ", ".join(f"{a} {n:,} rows" for a, n in info["agents"].items()))
     episodes = info.get("episodes")
     if episodes:
         text = f"episodes: {episodes['total']:,} ({episodes['complete']:,} complete)"

@@ -76,10 +76,14 @@ class DatasetWriter:
         self._prefix = f"part-{stamp}-{os.getpid()}-{next(_file_counter)}"
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write(self, batch: SampleBatch) -> None:
+    def write(self, batch: SampleBatch, extra: dict[str, pa.Array] | None = None) -> None:
+        """Buffers `batch`'s rows; `extra` are Arrow columns appended to them (a multi-agent
+        recording's string agent_id and policy_id, which a SampleBatch cannot hold)."""
         if self.columns is not None:
             batch = batch.select([c for c in self.columns if c in batch])
         rb = portable_record_batch(batch.to_arrow())
+        for name, column in (extra or {}).items():
+            rb = rb.append_column(pa.field(name, column.type, nullable=False), column)
         while len(rb):
             room = self.max_rows_per_file - self._pending_rows
             self._pending.append(rb.slice(0, room))

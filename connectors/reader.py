@@ -52,7 +52,8 @@ class DatasetInput(Stream[SampleBatch]):
         self.num_epochs = num_epochs
 
     def _batches(self, executor) -> Iterator[SampleBatch]:
-        if getattr(executor, "name", "local") == "ray" and self.dataset.format == "parquet":
+        if getattr(executor, "name", "local") == "ray" and self.dataset.format == "parquet" and \
+                getattr(self.dataset, "ray_readable", True):
             return ray_data_batches(self.dataset, self.columns, self.batch_size, self.shuffle_buffer_size,
                                     self.seed, self.num_epochs)
         return self.dataset.batches(self.columns, self.batch_size, self.shuffle_buffer_size, self.seed,

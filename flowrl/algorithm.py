@@ -22,11 +22,14 @@ from typing import Any
 import yaml
 
 import flowrl
-from flowrl.checkpoints import (CheckpointState, is_checkpoint_dir, load_policy_state, read_checkpoint,
+from flowrl.checkpoints import (CheckpointState, is_checkpoint_dir, load_learner_state, read_checkpoint,
                                 restore_progress, save_checkpoint, write_checkpoint)
 from flowrl.cluster import runtime_env_for
+from flowrl.config import ConfigError
+from flowrl.device import resolve_device
 from flowrl.executors import make_executor
-from flowrl.planfile import Experiment, ExperimentError, _check_input, config_to_dict, make_experiment
+from flowrl.planfile import (Experiment, ExperimentConfigError, ExperimentError, _check_input, config_to_dict,
+                             make_experiment)
 from flowrl.trained import TrainedPolicy, checkpoint_at, run_description
 
 __all__ = ["Algorithm", "build", "restore", "train"]
@@ -56,6 +59,11 @@ class Algorithm:
         self._metrics = None
         self._saved_at: int | None = None  # the iteration of the run directory's newest checkpoint
         self._stopped = False
+        try:
+            learner_device = resolve_device(config.learner_device, config.num_gpus)
+        except ConfigError as e:  # CUDA asked for where there is none: one line naming the key
+            raise ExperimentConfigError(f"{exp.source}: experiment {exp.name!r}", ConfigError(f"config.{e.key}",
+                                                                                              e.message)) from None
         # Joining a cluster, the Ray job ships the user code the experiment names (flowrl.cluster).
         self._executor = make_executor("ray", address=address, num_cpus=num_cpus, connect_timeout_s=connect_timeout_s,
                                        runtime_env=runtime_env_for(exp.env, config, exp.plan_name) if address else None
@@ -71,22 +79,28 @@ class Algorithm:
             worker_kwargs.update(observation_space=spaces["obs"], action_space=spaces["actions"])
         self._output = None
         if config.output:
-            from flowrl.connectors import DatasetWriter
+            from flowrl.connectors import DatasetWriter, MultiAgentDatasetWriter
 
-            self._output = DatasetWriter(config.output, config.output_format, config.output_max_rows_per_file,
-                                         config.output_compression)
+            writer = MultiAgentDatasetWriter if getattr(config, "multiagent", None) is not None else DatasetWriter
+            self._output = writer(config.output, format=config.output_format,
+                                  max_rows_per_file=config.output_max_rows_per_file,
+                                  compression=config.output_compression)
         self.workers = self.plan = None
         try:
             self.workers = WorkerSet(num_workers=config.num_workers, num_cpus_per_worker=config.num_cpus_per_worker,
                                      max_restarts=config.max_actor_restarts, output=self._output,
                                      actor_start_timeout_s=config.actor_start_timeout_s, input_source=input_source,
-                                     placement_strategy=config.worker_placement_strategy, **worker_kwargs)
+                                     placement_strategy=config.worker_placement_strategy,
+                                     learner_device=learner_device, learner_num_threads=config.num_learner_threads,
+                                     **worker_kwargs)
+            if self.workers.is_multi_agent and self._output is not None:
+                self._output.agent_names = self.workers.local_worker.agent_names  # agent_id indexes -> names
             self.plan = exp.plan.build(self.workers, config)
             self.plan.executor = self._executor
             # A checkpoint is applied in full (weights that fit the model, counters, replay
             # buffer) before anything in a run directory changes.
             if checkpoint is not None:
-                load_policy_state(checkpoint, self.workers.policy)
+                load_learner_state(checkpoint, self.workers)
             self.plan.start()
             if checkpoint is not None:
                 restore_progress(checkpoint, self.plan, self.workers)
@@ -160,7 +174,8 @@ class Algorithm:
 
     def compute_single_action(self, obs: Any, explore: bool = False) -> Any:
         """The action for one observation: the most likely one, or a sample with `explore`."""
-        return TrainedPolicy(self.policy, self.experiment.env, self.config.env_config).compute_action(obs, explore)
+        return TrainedPolicy(self.policy, self.experiment.env, self.config.env_config,
+                             **self.workers.evaluation_env()).compute_action(obs, explore)
 
     def evaluate(self, episodes: int = 10, seed: int = 0) -> dict[str, Any]:
         """Greedy episodes in fresh envs (seeds seed, seed + 1, ...): episode_return_mean, _min,
@@ -174,7 +189,7 @@ class Algorithm:
         if episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {episodes}")
         returns, lengths = evaluate_policy(self.policy, self.experiment.env, self.config.env_config, episodes,
-                                           seed, with_lengths=True)
+                                           seed, with_lengths=True, **self.workers.evaluation_env())
         return episode_summary(returns, lengths)
 
     # ---- closing ----------------------------------------------------------------------------

@@ -26,22 +26,22 @@ def write_checkpoint(final: Path, plan, workers, describe: dict[str, Any] | None
     and algorithm.json (`describe`: plan, env and config, so that a checkpoint saved anywhere
     restores without its run directory). Written to a temporary directory beside it, then
     renamed over it."""
-    policy = workers.policy
     progress = plan.progress_state()
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(policy.model.state_dict(), tmp / "model.pt")
-    torch.save(policy.optimizer.state_dict(), tmp / "optimizer.pt")
-    target = getattr(policy, "target_model", None)
-    if target is not None:
-        torch.save(target.state_dict(), tmp / "target_model.pt")
+    tensors, versions = learner_state(workers)
+    for stem, state in tensors.items():
+        torch.save(state, tmp / f"{stem}.pt")
     buffer = getattr(plan, "replay_buffer", None)  # off-policy plans with checkpoint_replay_buffer: true
     if buffer is not None:
         buffer.save(tmp / "replay_buffer.npz")  # numpy arrays only; loaded with allow_pickle=False
-    progress["weights_version"] = policy.weights_version
+    normalizer = workers.local_worker.normalizer  # the normalize preset's merged statistics
+    if normalizer is not None:
+        torch.save(normalizer.state_dict(), tmp / "normalize.pt")
+    progress.update(versions)
     (tmp / "progress.json").write_text(json.dumps(progress))
     if describe is not None:
         (tmp / "algorithm.json").write_text(json.dumps(describe, indent=1))
@@ -49,6 +49,43 @@ def write_checkpoint(final: Path, plan, workers, describe: dict[str, Any] | None
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _policy_state(policy) -> dict[str, Any]:
+    state = {"model": policy.model.state_dict(), "optimizer": policy.optimizer.state_dict()}
+    target = getattr(policy, "target_model", None)
+    if target is not None:
+        state["target_model"] = target.state_dict()
+    return state
+
+
+def learner_state(workers) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The learner's state dicts by file ("model", "optimizer", "target_model") and its weights
+    version(s) for progress.json. With several policies (multi-agent) each file holds
+    {policy id: state dict}, and progress.json `policy_weights_versions` besides."""
+    if not workers.is_multi_agent:
+        return _policy_state(workers.policy), {"weights_version": workers.policy.weights_version}
+    per_policy = {pid: _policy_state(p) for pid, p in workers.policies.items()}
+    stems = dict.fromkeys(stem for state in per_policy.values() for stem in state)
+    tensors = {stem: {pid: state[stem] for pid, state in per_policy.items() if stem in state} for stem in stems}
+    versions = {pid: p.weights_version for pid, p in workers.policies.items()}
+    return tensors, {"weights_version": max(versions.values()), "policy_weights_versions": versions}
+
+
+def load_learner_state(state: "CheckpointState", workers) -> None:
+    """`load_policy_state` into the learner: its one policy, or each of its policies from
+    that policy's part of every file."""
+    if not workers.is_multi_agent:
+        load_policy_state(state, workers.policy)
+        return
+    versions = state.progress.get("policy_weights_versions") or {}
+    for pid, policy in workers.policies.items():
+        if pid not in state.tensors["model"] or pid not in versions:
+            raise ExperimentError(f"{state.path}: holds no policy {pid!r} (it has {', '.join(state.tensors['model'])})")
+        part = {stem: tensors[pid] for stem, tensors in state.tensors.items() if isinstance(tensors, dict)
+                and pid in tensors}
+        load_policy_state(CheckpointState(state.path, part, {**state.progress, "weights_version": versions[pid]}),
+                          policy)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -156,6 +193,9 @@ def restore_progress(state: CheckpointState, plan, workers) -> None:
     """Counters, iteration and plan state from a checkpoint (and the replay buffer's rows when the
     plan keeps them in its checkpoints), then the weights to every worker."""
     plan.restore_progress(state.progress)
+    normalizer = workers.local_worker.normalizer
+    if normalizer is not None and "normalize" in state.tensors:
+        load_normalizer(state.tensors["normalize"], normalizer, state.path / "normalize.pt")
     buffer, path = getattr(plan, "replay_buffer", None), state.path / "replay_buffer.npz"
     if buffer is not None and path.is_file():
         import zipfile
@@ -167,7 +207,15 @@ def restore_progress(state: CheckpointState, plan, workers) -> None:
     workers.sync_weights()
 
 
+def load_normalizer(stats: dict[str, Any], normalizer, path: Path) -> None:
+    """The normalize preset's statistics from a checkpoint's normalize.pt into `normalizer`."""
+    try:
+        normalizer.load_state_dict(stats)
+    except (ValueError, TypeError) as e:
+        raise ExperimentError(f"{path}: {e}") from None
+
+
 def restore_checkpoint(checkpoint: Path, plan, workers) -> None:
     state = read_checkpoint(checkpoint)
-    load_policy_state(state, workers.policy)
+    load_learner_state(state, workers)
     restore_progress(state, plan, workers)

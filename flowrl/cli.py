@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--policy", help="multi-agent runs: the policy whose agents' returns to report (all act)")
 
     sv = sub.add_parser("serve", help="serve the policy of a run or checkpoint over HTTP (POST /act)")
     sv.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -204,14 +205,16 @@ def _eval(args) -> int:
     if args.episodes < 1:
         print("flowrl: error: --episodes must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    policy = load_policy(args.path)
+    policy = load_policy(args.path, policy=args.policy)
     returns = policy.evaluate(args.episodes, seed=args.seed)
     mean = sum(returns) / len(returns)
     if args.json:
         print(json.dumps({"episode_return_mean": mean, "episodes": len(returns), "episode_returns": returns,
                           "checkpoint": str(policy.checkpoint)}))
     else:
-        print(f"{policy.checkpoint}: {len(returns)} greedy episodes on {policy.env}: episode_return_mean {mean:.2f} "
+        what = "greedy episodes" if policy.policy_id is None else \
+            f"agent episodes of policy {policy.policy_id!r} ({args.episodes} greedy team episodes)"
+        print(f"{policy.checkpoint}: {len(returns)} {what} on {policy.env}: episode_return_mean {mean:.2f} "
               f"(min {min(returns):.2f}, max {max(returns):.2f})")
     return 0
 
@@ -233,10 +236,9 @@ def _plans(args) -> int:
 
 
 def _dataset(args) -> int:
-    from flowrl.connectors import Dataset
-    from flowrl.connectors.inspect import format_info, inspect_dataset
+    from flowrl.connectors.inspect import format_info, inspect_path
 
-    info = inspect_dataset(Dataset.open(args.path))
+    info = inspect_path(args.path)
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 

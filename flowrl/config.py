@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class CommonConfig:
     rollout_fragment_length: int = 32        # steps per sub-env per sample() call
     vectorization: str = "auto"              # auto | sync | async
     env_config: dict = field(default_factory=dict)
+    env_wrappers: list = field(default_factory=list)  # per sub-env wrappers and presets (flowrl.env_pipeline)
     num_cpus_per_worker: float = 1.0
     max_actor_restarts: int = 3
     restart_failed_sub_environments: bool = False  # a sub-env that raises is made anew, its episode dropped
@@ -66,6 +68,10 @@ class CommonConfig:
                                              # LearningRateSchedule operator (every built-in plan has one)
     gamma: float = 0.99
     grad_clip: float | None = 0.5
+    # The learner (flowrl.device): rollout workers always act on the CPU
+    num_gpus: float = 0.0                    # GPUs the learner reserves (Ray Tune: in the trial's bundle)
+    learner_device: str = "auto"             # auto (cuda when num_gpus > 0 and CUDA is there) | cpu | cuda | cuda:N
+    num_learner_threads: int | None = None   # torch threads of the learner; null: the cores the workers leave
     # Experience from external applications (connectors.external) instead of sampling `env`
     input: str | None = None                 # null: workers sample env; external: a policy server for clients
     external: dict = field(default_factory=dict)  # its settings (flowrl.wire.ExternalConfig): host, port, ...
@@ -78,6 +84,9 @@ class CommonConfig:
     min_time_s_per_iteration: float = 0.0
     checkpoint_freq: int = 20                # iterations between checkpoints (0: only at the end)
     seed: int | None = None
+    # Multi-agent envs (flowrl.multi_agent): policies, policy_mapping, policies_to_train
+    multiagent: dict | None = None
+    count_steps_by: str = "env_steps"        # env_steps | agent_steps: what batch sizes count (multi-agent)
 
     def validate(self) -> None:
         positive_ints = ("num_envs_per_worker", "rollout_fragment_length")
@@ -95,15 +104,36 @@ class CommonConfig:
             raise ConfigError("gamma", f"must be in [0, 1], got {self.gamma}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        if self.num_learner_threads is not None and self.num_learner_threads < 1:
+            raise ConfigError("num_learner_threads", f"must be >= 1 or null, got {self.num_learner_threads}")
+        if self.num_gpus < 0:
+            raise ConfigError("num_gpus", f"must be >= 0, got {self.num_gpus}")
+        check_learner_device(self.learner_device)
+        if self.multiagent is not None and (self.learner_device not in ("auto", "cpu") or self.num_gpus):
+            raise ConfigError("learner_device", "a GPU learner is not supported with multiagent yet")
         if self.num_cpus_per_worker <= 0:
             raise ConfigError("num_cpus_per_worker", f"must be > 0, got {self.num_cpus_per_worker}")
         if not self.actor_start_timeout_s > 0:
             raise ConfigError("actor_start_timeout_s", f"must be > 0, got {self.actor_start_timeout_s}")
         check_schedule("lr_schedule", self.lr_schedule)
+        from flowrl.env_pipeline import EnvPipeline
+
+        EnvPipeline.parse(self.env_wrappers)
+        if self.env_wrappers and self.input == "external":
+            raise ConfigError("env_wrappers", "must be empty with input: external (clients step their own envs)")
         from flowrl.cluster import check_cluster_config
 
         check_cluster_config(self.worker_placement_strategy, self.runtime_env)
         self.check_input()
+        if self.count_steps_by not in ("env_steps", "agent_steps"):
+            raise ConfigError("count_steps_by", f"must be env_steps or agent_steps, got {self.count_steps_by!r}")
+        if self.multiagent is not None:
+            from flowrl.multi_agent import parse_multiagent
+
+            parse_multiagent(self.multiagent)
+            for key in ("env_wrappers", "input"):  # single-agent only, so far
+                if getattr(self, key):
+                    raise ConfigError(key, "is not supported with multiagent yet")
         if self.output_format not in OUTPUT_COMPRESSIONS:
             raise ConfigError("output_format", f"must be one of {', '.join(OUTPUT_COMPRESSIONS)}, "
                                                f"got {self.output_format!r}")
@@ -145,12 +175,25 @@ class CommonConfig:
                     rollout_fragment_length=self.rollout_fragment_length, env_config=self.env_config,
                     vectorization=self.vectorization, model=self.model, seed=self.seed, lr=self.lr,
                     policy=policy, policy_config=policy_config,
-                    restart_failed_sub_environments=self.restart_failed_sub_environments)
+                    restart_failed_sub_environments=self.restart_failed_sub_environments,
+                    env_wrappers=self.env_wrappers, **self.multiagent_kwargs())
+
+    def multiagent_kwargs(self) -> dict[str, Any]:
+        """What a multi-agent rollout worker needs beyond a single-agent one's (nothing without
+        `multiagent`: the worker is then a single-agent RolloutWorker)."""
+        if self.multiagent is None:
+            return {}
+        return dict(multiagent=self.multiagent, count_steps_by=self.count_steps_by)
 
     def policy_spec(self) -> tuple[str, dict[str, Any]]:
         """The policy class the workers build (a name in flowrl.policy.POLICY_CLASSES) and the
         options of its own; off-policy plans override this."""
         return "TorchPolicy", {}
+
+
+def check_learner_device(learner_device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", learner_device):
+        raise ConfigError("learner_device", f"must be auto, cpu, cuda or cuda:N, got {learner_device!r}")
 
 
 def check_schedule(key: str, schedule: Any) -> None:

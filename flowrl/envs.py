@@ -12,6 +12,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from flowrl.config import ConfigError
+from flowrl.env_pipeline import EnvPipeline
 from flowrl.executors import ActorFaultError
 
 
@@ -140,6 +142,9 @@ ENV_FAMILIES = (
     (lambda env, entry: entry.startswith("gymnasium.envs.box2d"), "Box2D",
      "box2d (pip install swig 'gymnasium[box2d]')"),
     (lambda env, entry: env.startswith("minari:"), "minari", "minari (pip install 'flowrl[minari]')"),
+    (lambda env, entry: env.startswith(("pettingzoo.", "pettingzoo:")), "pettingzoo",
+     "pettingzoo (pip install 'flowrl[multiagent]')"),
+    (lambda env, entry: env.startswith(("mpe2.", "mpe2:")), "mpe2", "mpe2 (pip install 'flowrl[multiagent]')"),
 )
 
 
@@ -175,30 +180,42 @@ def check_env_id(env: str) -> None:
     raise EnvError(f"unknown env {env!r}{hint}")
 
 
-def make_env(env: str, env_config: dict[str, Any] | None = None) -> gym.Env:
-    """One env from a registered id or a "package.module:Class" entry point."""
+def make_env(env: str, env_config: dict[str, Any] | None = None, pipeline: EnvPipeline | None = None) -> gym.Env:
+    """One env from a registered id or a "package.module:Class" entry point, with the per-env
+    wrappers of `pipeline` (a config's env_wrappers)."""
     env_config = dict(env_config or {})
     check_env_id(env)
     try:
         if ":" in env and env not in gym.envs.registry:
-            return _load_entry_point(env)(**env_config)
-        return gym.make(env, **env_config)
+            made = _load_entry_point(env)(**env_config)
+        else:
+            made = gym.make(env, **env_config)
     except gym.error.DependencyNotInstalled as e:
         raise EnvError(f"env {env!r}: {str(e).splitlines()[0]}") from None
     except TypeError as e:
         raise EnvError(f"env {env!r}: bad env_config {env_config} ({e})") from None
+    if pipeline is None or not isinstance(made, gym.Env):
+        return made
+    try:
+        return pipeline.wrap(made)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, gym.error.Error) as e:  # a wrapper's kwargs of the wrong type or value
+        raise EnvError(f"env {env!r}: env_wrappers: {describe_error(e)}") from None
 
 
 def make_vector_env(env: str, num_envs: int = 1, env_config: dict[str, Any] | None = None,
-                    vectorization: str = "auto", restart_failed_sub_environments: bool = False
-                    ) -> gym.vector.VectorEnv:
+                    vectorization: str = "auto", restart_failed_sub_environments: bool = False,
+                    pipeline: EnvPipeline | None = None) -> gym.vector.VectorEnv:
     """A vector env of `num_envs` copies. `vectorization`: "auto" uses the env's own numpy
     vectorized implementation when it has one (CartPole's), else "sync"; "async" runs each
     copy in a subprocess. Autoreset is gymnasium's default (next step). The copies of a sync or
     async vector env are each a `SubEnv`; `restart_failed_sub_environments` makes them anew when
     they raise (an env's own vectorized implementation steps all copies at once, so "auto"
-    then means "sync")."""
+    then means "sync"). `pipeline` (a config's env_wrappers) wraps each copy and then the vector
+    env (training rewards and normalization: its `normalizer` holds the statistics)."""
     env_config = dict(env_config or {})
+    pipeline = pipeline or EnvPipeline()
     check_env_id(env)
     if vectorization not in ("auto", "sync", "async", "vector_entry_point"):
         raise EnvError(f"vectorization {vectorization!r} must be auto, sync, async or vector_entry_point")
@@ -206,16 +223,20 @@ def make_vector_env(env: str, num_envs: int = 1, env_config: dict[str, Any] | No
     mode = vectorization
     if mode == "auto":
         vectorized = not entry_point and gym.envs.registry[env].vector_entry_point
-        mode = "vector_entry_point" if vectorized and not restart_failed_sub_environments else "sync"
+        per_env = restart_failed_sub_environments or pipeline.wrappers or pipeline.atari
+        mode = "vector_entry_point" if vectorized and not per_env else "sync"
     if mode == "vector_entry_point" and restart_failed_sub_environments:
         raise EnvError(f"env {env!r}: restart_failed_sub_environments needs vectorization sync or async (a "
                        "vectorized env steps all its copies at once, so one cannot be made anew alone)")
     try:
         if mode == "vector_entry_point":
-            return gym.make_vec(env, num_envs=num_envs, vectorization_mode=mode, **env_config)
+            if pipeline.wrappers or pipeline.atari:
+                raise EnvError(f"env {env!r}: env_wrappers wrap each copy, which needs vectorization sync or async")
+            vec = gym.make_vec(env, num_envs=num_envs, vectorization_mode=mode, **env_config)
+            return pipeline.transform(vec)
 
         def make() -> gym.Env:
-            return make_env(env, env_config)
+            return make_env(env, env_config, pipeline)
 
         def sub_env(index: int) -> Callable[[], gym.Env]:
             def build():
@@ -231,8 +252,8 @@ def make_vector_env(env: str, num_envs: int = 1, env_config: dict[str, Any] | No
             # of the same error, a traceback in red, is only noise.
             warnings.filterwarnings("ignore", message=r"\x1b\[31mERROR: ",
                                     module=r"gymnasium\.vector\.async_vector_env")
-            return gym.vector.AsyncVectorEnv(fns)
-        return gym.vector.SyncVectorEnv(fns)
+            return pipeline.transform(gym.vector.AsyncVectorEnv(fns))
+        return pipeline.transform(gym.vector.SyncVectorEnv(fns))
     except EnvError:
         raise
     except gym.error.DependencyNotInstalled as e:

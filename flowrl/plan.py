@@ -41,6 +41,9 @@ class PlanContext:
         self.info: dict[str, Any] = {}  # extra values an operator wants in the next result
         # (return, length) of the most recent finished episodes, for return/length means.
         self.episodes: collections.deque[tuple[float, int]] = collections.deque(maxlen=100)
+        # Multi-agent: (return, length) of the agents' recent episodes, by the agents' policy.
+        self.policy_episodes: collections.defaultdict[str, collections.deque[tuple[float, int]]] = \
+            collections.defaultdict(lambda: collections.deque(maxlen=100))
         # Seconds spent inside each operator (by name) since the plan started.
         self.operator_time: dict[str, float] = {}
         self._opened: dict[int, Any] = {}
@@ -257,6 +260,7 @@ class Plan:
         self.start()
         return {"training_iteration": self._iteration, "time_total_s": self._time_total,
                 "counters": dict(self.ctx.counters), "episodes": [list(e) for e in self.ctx.episodes],
+                "policy_episodes": {p: [list(e) for e in eps] for p, eps in self.ctx.policy_episodes.items()},
                 "state": dict(self.state)}
 
     def restore_progress(self, saved: dict[str, Any]) -> None:
@@ -265,6 +269,8 @@ class Plan:
         self._time_total = float(saved["time_total_s"])
         self.ctx.counters.update({k: int(v) - self.ctx.counters[k] for k, v in saved["counters"].items()})
         self.ctx.episodes.extend((float(r), int(n)) for r, n in saved["episodes"])
+        for pid, episodes in saved.get("policy_episodes", {}).items():
+            self.ctx.policy_episodes[pid].extend((float(r), int(n)) for r, n in episodes)
         self.state.update(saved["state"])
 
     # ---- composition ----------------------------------------------------------------------------

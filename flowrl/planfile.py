@@ -28,7 +28,7 @@ from flowrl.envs import EnvError, check_env_id
 
 EXPERIMENT_KEYS = ("env", "run", "plan", "stop", "config")
 STOP_KEYS = ("episode_return_mean", "timesteps_total", "time_total_s", "training_iteration",
-             "evaluation/episode_return_mean")
+             "evaluation/episode_return_mean", "num_env_steps_sampled", "num_agent_steps_sampled")
 STOP_ALIASES = {"episode_reward_mean": "episode_return_mean"}
 
 
@@ -231,6 +231,8 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
             parse_config(plan.config_class, config_data)
     except ConfigError as e:
         raise ExperimentConfigError(where, e) from None
+    if getattr(config, "multiagent", None) is not None and env is not None:
+        _check_multiagent(plan, config, env, where)
     if external:
         given = (config_data.get("external") or {}).get("observation_space") is not None
         if given == (env is not None):
@@ -243,13 +245,39 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
     return Experiment(name, env, plan_name, plan, stop, config, source, config_data, space or None)
 
 
-def env_spaces(env: str | None, env_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The obs/new_obs/actions spaces of an env, as batches name them."""
+def _check_multiagent(plan, config, env: str, where: str) -> None:
+    """config.multiagent against the plan and the env's agents: every agent maps to a policy,
+    every policy has an agent (one env is made to learn its agents)."""
+    from flowrl.multi_agent import SINGLE_AGENT_KEYS, SINGLE_AGENT_PLANS, parse_multiagent
+    from flowrl.multi_agent_env import make_multi_agent_env
+
+    if getattr(plan, "name", None) in SINGLE_AGENT_PLANS:
+        raise ExperimentError(f"{where}: config.multiagent: {plan.name} does not run multi-agent yet (PPO and A2C do)")
+    for key in SINGLE_AGENT_KEYS:
+        if getattr(config, key, None) is not None:
+            raise ExperimentError(f"{where}: config.{key}: is not supported with multiagent yet")
+
+    try:
+        made = make_multi_agent_env(env, config.env_config)
+    except EnvError as e:
+        raise ExperimentError(f"{where}: env: {e} (config.multiagent is given)") from None
+    try:
+        parse_multiagent(config.multiagent).resolve(list(made.possible_agents))
+    except ConfigError as e:
+        raise ExperimentConfigError(where, e) from None
+    finally:
+        made.close()
+
+
+def env_spaces(env: str | None, env_config: dict[str, Any], env_wrappers: list | None = None
+               ) -> dict[str, Any] | None:
+    """The obs/new_obs/actions spaces of an env (with its env_wrappers), as batches name them."""
     if env is None:
         return None
+    from flowrl.env_pipeline import EnvPipeline
     from flowrl.envs import make_vector_env
 
-    vec = make_vector_env(env, 1, env_config)
+    vec = make_vector_env(env, 1, env_config, pipeline=EnvPipeline.parse(env_wrappers))
     try:
         return {"obs": vec.single_observation_space, "new_obs": vec.single_observation_space,
                 "actions": vec.single_action_space}
@@ -263,7 +291,7 @@ def experiment_spaces(config, env: str | None) -> dict[str, Any] | None:
         from flowrl.wire import ExternalConfig
 
         return parse_config(ExternalConfig, config.external, prefix="external").spaces()
-    return env_spaces(env, config.env_config)
+    return env_spaces(env, config.env_config, config.env_wrappers)
 
 
 def _check_input(plan, config, env: str | None, where: str, check=None) -> dict[str, Any]:
@@ -365,6 +393,12 @@ def _check_search_space(config_class: type, data: dict[str, Any], space: dict[st
     return parse_config(config_class, first)
 
 
+def _is_policy_return(key: Any) -> bool:
+    """policy/<name>/episode_return_mean: a multi-agent run's return of one policy's agents."""
+    parts = key.split("/") if isinstance(key, str) else []
+    return len(parts) == 3 and parts[0] == "policy" and bool(parts[1]) and parts[2] == "episode_return_mean"
+
+
 def _parse_stop(stop: Any, where: str) -> dict[str, int | float]:
     def bad(key: str, message: str) -> ExperimentConfigError:
         return ExperimentConfigError(where, ConfigError(key, message))
@@ -376,7 +410,7 @@ def _parse_stop(stop: Any, where: str) -> dict[str, int | float]:
     out = {}
     for key, value in stop.items():
         name = STOP_ALIASES.get(key, key)
-        if name not in STOP_KEYS:
+        if name not in STOP_KEYS and not _is_policy_return(name):
             raise bad(f"stop.{key}", f"unknown stop key{suggest(str(key), STOP_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad(f"stop.{key}", f"expected a number, got {value!r}")

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.device import cpu_weights, move_policy
+
 _MODELS: dict[str, type] = {}
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -69,8 +71,17 @@ def make_policy(name: str, observation_space: gym.Space, action_space: gym.Space
 
 
 # ---- observations --------------------------------------------------------------------------------
+def image_layout(space: gym.Space) -> str | None:
+    """"hwc" (84x84x4) or "chw" (4x84x84) for an image-shaped Box, else None."""
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 3:
+        return None
+    if min(space.shape[:2]) >= 7:
+        return "hwc"
+    return "chw" if min(space.shape[1:]) >= 7 else None
+
+
 def is_image(space: gym.Space) -> bool:
-    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and min(space.shape[:2]) >= 7
+    return image_layout(space) is not None
 
 
 def flat_obs_size(space: gym.Space) -> int:
@@ -206,26 +217,68 @@ def _mlp(n_in: int, hidden: list[int], activation: str, n_out: int, out_std: flo
     return nn.Sequential(*layers)
 
 
-class SmallCNN(nn.Module):
-    """Two strided convolutions and a linear layer, for HxWxC images scaled from [0, 255]."""
+class ImageEncoder(nn.Module):
+    """Convolutions, then a linear layer of `out_size` with ReLU, over images of `shape` (HxWxC,
+    or CxHxW with `channels_first`) divided by `scale` (255 for uint8 pixels: they stay uint8
+    until here)."""
 
-    def __init__(self, shape: tuple[int, ...], out_size: int, scale: float):
+    def __init__(self, shape: tuple[int, ...], convs: list[tuple[int, int, int]], out_size: int, scale: float,
+                 channels_first: bool = False):
         super().__init__()
-        h, w, c = shape
-        self.scale = scale
-        self.net = nn.Sequential(nn.Conv2d(c, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                                 nn.Flatten())
+        chw = shape if channels_first else (shape[2], shape[0], shape[1])
+        c = chw[0]
+        self.scale, self.channels_first = scale, channels_first
+        layers: list[nn.Module] = []
+        for channels, kernel, stride in convs:
+            layers += [nn.Conv2d(c, channels, kernel, stride=stride), nn.ReLU()]
+            c = channels
+        self.net = nn.Sequential(*layers, nn.Flatten())
         with torch.no_grad():
-            n = self.net(torch.zeros(1, c, h, w)).shape[1]
-        self.out = nn.Sequential(_layer(n, out_size), nn.ReLU())
+            n = self.net(torch.zeros(1, *chw)).shape[1]
+        self.out = nn.Sequential(nn.Linear(n, out_size), nn.ReLU())
 
     def forward(self, obs):
-        return self.out(self.net(obs.permute(0, 3, 1, 2).float() / self.scale))
+        images = obs if self.channels_first else obs.permute(0, 3, 1, 2)
+        return self.out(self.net(images.float() / self.scale))
+
+
+class SmallCNN(ImageEncoder):
+    """Two strided convolutions (16 3x3/2, 32 3x3/2) and a linear layer: images too small for
+    the Nature CNN."""
+
+    def __init__(self, shape: tuple[int, ...], out_size: int, scale: float, channels_first: bool = False):
+        super().__init__(shape, [(16, 3, 2), (32, 3, 2)], out_size, scale, channels_first)
+
+
+class NatureCNN(ImageEncoder):
+    """The convolutional torso of DQN (Mnih et al. 2015): 32 8x8/4, 64 4x4/2, 64 3x3/1, then a
+    linear layer of 512."""
+
+    def __init__(self, shape: tuple[int, ...], out_size: int = 512, scale: float = 255.0,
+                 channels_first: bool = False):
+        super().__init__(shape, [(32, 8, 4), (64, 4, 2), (64, 3, 1)], out_size, scale, channels_first)
+
+
+NATURE_CNN_MIN_SIZE = 36  # its three convolutions (8/4, 4/2, 3/1) need at least 36x36 pixels
+NATURE_CNN_SIZE = 512
+
+
+def image_encoder(space: gym.spaces.Box, small_out_size: int) -> tuple[ImageEncoder, int]:
+    """The default torso for image observations and the size of its output: the Nature CNN (512)
+    for images of at least 36x36 pixels (Atari's 84x84x4), else the small CNN (`small_out_size`)."""
+    layout = image_layout(space)
+    shape = space.shape if layout == "hwc" else (space.shape[1], space.shape[2], space.shape[0])
+    scale = 255.0 if space.dtype == np.uint8 else 1.0
+    first = layout == "chw"
+    if min(shape[:2]) >= NATURE_CNN_MIN_SIZE:
+        return NatureCNN(space.shape, NATURE_CNN_SIZE, scale, first), NATURE_CNN_SIZE
+    return SmallCNN(space.shape, small_out_size, scale, first), small_out_size
 
 
 class ActorCritic(nn.Module):
-    """Separate policy and value networks (the default in CleanRL's PPO); an image encoder is
-    shared when the observations are images."""
+    """Separate policy and value networks (the default in CleanRL's PPO); for images one shared
+    encoder (`image_encoder`: the Nature CNN for Atari, orthogonally initialized as in CleanRL's
+    ppo_atari) and a linear head each, `hidden` giving only the small CNN's output size."""
 
     def __init__(self, observation_space: gym.Space, action_space: gym.Space, num_outputs: int,
                  model_config: dict[str, Any]):
@@ -235,9 +288,12 @@ class ActorCritic(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
         if is_image(observation_space):
-            scale = 255.0 if observation_space.dtype == np.uint8 else 1.0
-            self.encoder: nn.Module = SmallCNN(observation_space.shape, hidden[-1] if hidden else 256, scale)
-            n_in, hidden = (hidden[-1] if hidden else 256), []
+            self.encoder, n_in = image_encoder(observation_space, hidden[-1] if hidden else 256)
+            hidden = []
+            for layer in self.encoder.modules():
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.init.orthogonal_(layer.weight, math.sqrt(2))
+                    nn.init.zeros_(layer.bias)
         else:
             self.encoder = nn.Flatten()
             n_in = flat_obs_size(observation_space)
@@ -392,6 +448,7 @@ class TorchPolicy:
         self.weights_version = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
+        self.device = torch.device("cpu")  # the learner's may move (flowrl.device.move_policy)
 
     # ---- acting ---------------------------------------------------------------------------------
     def dist(self, dist_inputs: torch.Tensor, model: nn.Module | None = None) -> ActionDist:
@@ -409,7 +466,7 @@ class TorchPolicy:
         return ActionDist(MultiCategorical(dist_inputs, nvec), sum_last=True)
 
     def to_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(obs)
+        t = torch.as_tensor(obs, device=self.device)
         return t if t.dtype == torch.uint8 else t.float()
 
     def compute_actions(self, obs: np.ndarray, explore: bool = True) -> Actions:
@@ -420,7 +477,7 @@ class TorchPolicy:
         dist_inputs, values = self._forward_numpy(obs)
         space = self.action_space
         if isinstance(space, gym.spaces.Box):
-            mean, log_std = dist_inputs, self.log_std.detach().numpy()
+            mean, log_std = dist_inputs, self.log_std.detach().cpu().numpy()
         elif isinstance(space, gym.spaces.Discrete):
             logp_all = _log_softmax(dist_inputs)
         else:
@@ -464,7 +521,7 @@ class TorchPolicy:
         if out is None:
             with torch.inference_mode():
                 dist_inputs, values = self.model(self.to_tensor(obs))
-                out = dist_inputs.float().numpy(), values.numpy()
+                out = dist_inputs.float().cpu().numpy(), values.cpu().numpy()
         return out[0], out[1].astype(np.float32, copy=False)
 
     # ---- learning -------------------------------------------------------------------------------
@@ -481,8 +538,12 @@ class TorchPolicy:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def to_device(self, device: torch.device) -> None:
+        """The learner's modules on `device` (flowrl.device.move_policy)."""
+        move_policy(self, device)
+
     def get_weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return cpu_weights(self.model.state_dict())
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> None:
         self.model.load_state_dict(weights)
@@ -499,5 +560,5 @@ def score_actions(policy: Any, obs: np.ndarray, actions: np.ndarray) -> tuple[np
         return zeros, zeros
     with torch.inference_mode():
         dist_inputs, values = policy.model(policy.to_tensor(obs))
-        logp = policy.dist(dist_inputs).log_prob(torch.as_tensor(actions))
-    return logp.numpy().astype(np.float32), values.numpy().astype(np.float32)
+        logp = policy.dist(dist_inputs).log_prob(torch.as_tensor(actions, device=policy.device))
+    return logp.cpu().numpy().astype(np.float32), values.cpu().numpy().astype(np.float32)

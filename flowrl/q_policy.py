@@ -1,8 +1,8 @@
 """Q-networks and the epsilon-greedy policy over them (DQN; Discrete actions).
 
-- `QNetwork`: an MLP over flattened observations, or the Nature CNN (Mnih et al. 2015) for
-  images, then a dueling head (Wang et al. 2016), Q(s, a) = V(s) + A(s, a) - mean_a A(s, a),
-  or a plain linear one. `forward(obs)` returns Q-values of shape (batch, num_actions).
+- `QNetwork`: an MLP over flattened observations, or for images the Nature CNN (Mnih et al.
+  2015; 84x84 Atari frames) or a small CNN (images under 36x36), then a dueling head (Wang et
+  al. 2016), Q(s, a) = V(s) + A(s, a) - mean_a A(s, a), or a plain linear one. `forward(obs)` returns Q-values of shape (batch, num_actions).
 - A custom torch module is chosen as for the actor-critic policy (`model: {custom_model: ...}`,
   a name given to `flowrl.policy.register_model` or "module:Class"); it is built as
   `Class(observation_space, action_space, num_actions, model_config)` and its `forward(obs)`
@@ -28,28 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowrl.policy import (_MODELS, ACTIVATIONS, Actions, SmallCNN, _apply, _layer_calls, flat_obs_size, is_image,
+from flowrl.device import cpu_weights, move_policy
+from flowrl.policy import (_MODELS, ACTIVATIONS, Actions, _apply, _layer_calls, flat_obs_size, image_encoder, is_image,
                            resolve_class)
-
-NATURE_CNN_MIN_SIZE = 36  # its three convolutions (8/4, 4/2, 3/1) need at least 36x36 pixels
-
-
-class NatureCNN(nn.Module):
-    """The convolutional torso of DQN (Mnih et al. 2015): 32 8x8/4, 64 4x4/2, 64 3x3/1, a
-    linear layer of `out_size`; HxWxC images scaled from [0, 255]."""
-
-    def __init__(self, shape: tuple[int, ...], out_size: int = 512, scale: float = 255.0):
-        super().__init__()
-        h, w, c = shape
-        self.scale = scale
-        self.net = nn.Sequential(nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-                                 nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
-        with torch.no_grad():
-            n = self.net(torch.zeros(1, c, h, w)).shape[1]
-        self.out = nn.Sequential(nn.Linear(n, out_size), nn.ReLU())
-
-    def forward(self, obs):
-        return self.out(self.net(obs.permute(0, 3, 1, 2).float() / self.scale))
 
 
 def mlp_layers(n_in: int, hidden: list[int], activation: str) -> tuple[list[nn.Module], int]:
@@ -74,12 +55,8 @@ class QNetwork(nn.Module):
         super().__init__()
         hidden = list(model_config.get("hidden", [256, 256]))
         activation = model_config.get("activation", "relu")
-        if is_image(observation_space):
-            scale = 255.0 if observation_space.dtype == np.uint8 else 1.0
-            size = hidden[-1] if hidden else 512
-            torso = NatureCNN if min(observation_space.shape[:2]) >= NATURE_CNN_MIN_SIZE else SmallCNN
-            self.encoder: nn.Module = torso(observation_space.shape, size, scale)
-            n_in = size
+        if is_image(observation_space):  # the Nature CNN for Atari; `hidden` sizes only the small CNN
+            self.encoder, n_in = image_encoder(observation_space, hidden[-1] if hidden else 512)
         else:
             layers, n_in = mlp_layers(flat_obs_size(observation_space), hidden, activation)
             self.encoder = nn.Sequential(nn.Flatten(), *layers)
@@ -118,8 +95,14 @@ class ReplayPolicy:
         self.weights_version = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
+        self.device = torch.device("cpu")
+        self.target_model: nn.Module | None = None
         if seed is not None:
             torch.manual_seed(seed)
+
+    def to_device(self, device: torch.device) -> None:
+        """The learner's modules on `device` (flowrl.device.move_policy)."""
+        move_policy(self, device)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters())}]
@@ -153,18 +136,17 @@ class QPolicy(ReplayPolicy):
         model_cls = resolve_class(custom, _MODELS, "custom_model") if custom else QNetwork
         self.model: nn.Module = model_cls(observation_space, action_space, int(action_space.n),
                                           {**self.model_config, "dueling": dueling})
-        self.target_model: nn.Module | None = None
         self.epsilon = float(epsilon)
 
     def to_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        t = torch.as_tensor(obs)
+        t = torch.as_tensor(obs, device=self.device)
         return t if t.dtype == torch.uint8 else t.float()
 
     def compute_actions(self, obs: np.ndarray, explore: bool = True) -> Actions:
         """argmax_a Q(s, a), replaced with probability epsilon by a uniform action when
         exploring. Log-probabilities and values are not used by Q-learning: zeros."""
         with torch.inference_mode():
-            q_values = self.model(self.to_tensor(obs)).numpy()
+            q_values = self.model(self.to_tensor(obs)).cpu().numpy()
         actions = q_values.argmax(axis=1).astype(np.int64)
         if explore and self.epsilon > 0:
             explores = self.rng.random(len(actions)) < self.epsilon
@@ -174,7 +156,7 @@ class QPolicy(ReplayPolicy):
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The model's tensors and, under "epsilon", the exploration rate the workers act with."""
-        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        weights = cpu_weights(self.model.state_dict())
         weights["epsilon"] = torch.tensor(self.epsilon, dtype=torch.float64)
         return weights
 

@@ -14,13 +14,18 @@ terminating, else the next row's vf_preds), weights_version. `batch.episodes` ho
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from flowrl.device import default_learner_threads
+from flowrl.env_pipeline import EnvPipeline, TrainingTransform, frozen_observations
 from flowrl.envs import FAULT_INFO_KEY, EnvFaultError, describe_error, make_vector_env
+from flowrl.normalize import Normalizer
 from flowrl.executors import ActorSet
 from flowrl.policy import TorchPolicy, make_policy, obs_to_array
 from flowrl.sample_batch import SampleBatch
@@ -28,6 +33,10 @@ from flowrl.sample_batch import SampleBatch
 _COLUMNS = ("obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "eps_id", "t",
             "action_logp", "vf_preds", "weights_version")
 _STEP_COLUMNS = ("obs", "new_obs", "actions", "rewards", "terminateds", "truncateds", "action_logp", "vf_preds")
+
+
+# Keys of the normalize preset's statistics among the weights sent to rollout workers.
+NORMALIZE_PREFIX = "normalize:"
 
 
 def worker_seed(seed: int | None, index: int) -> int | None:
@@ -49,9 +58,9 @@ class RolloutWorker:
                  actor_index: int = 0, sample: bool = True, num_threads: int | None = 1,
                  observation_space: gym.Space | None = None, action_space: gym.Space | None = None,
                  policy: str = "TorchPolicy", policy_config: dict[str, Any] | None = None,
-                 restart_failed_sub_environments: bool = False):
+                 restart_failed_sub_environments: bool = False, env_wrappers: list | None = None):
         if num_threads:
-            torch.set_num_threads(num_threads)  # one thread per worker: workers share the cores
+            torch.set_num_threads(num_threads)  # one thread per worker; the learner takes more (learner_threads)
         self.index = actor_index
         self.env_name = env
         self.fragment_length = rollout_fragment_length
@@ -64,9 +73,13 @@ class RolloutWorker:
             self.observation_space, self.action_space = observation_space, action_space
         else:
             self.env = make_vector_env(env, num_envs_per_worker if sample else 1, env_config, vectorization,
-                                       restart_failed_sub_environments)
+                                       restart_failed_sub_environments, EnvPipeline.parse(env_wrappers))
             self.observation_space = self.env.single_observation_space
             self.action_space = self.env.single_action_space
+        # Clipped or normalized training rewards (env_wrappers presets): episode returns are the raw ones.
+        self._transformed = isinstance(self.env, TrainingTransform)
+        # The normalize preset's statistics; the local worker's are the master copy.
+        self.normalizer: Normalizer | None = self.env.normalizer if self._transformed else None
         # Every copy of the policy starts from the same weights (the base seed); each worker
         # samples actions from its own seed.
         # `policy` names the class (flowrl.policy.POLICY_CLASSES), `policy_config` its own options.
@@ -74,6 +87,7 @@ class RolloutWorker:
                                   sample_seed=self.seed, **(policy_config or {}))
         self.spaces = {"obs": self.observation_space, "new_obs": self.observation_space,
                        "actions": self.action_space}
+        self._acting: Any = None  # a CPU copy of the policy that samples, when the learner's is on a GPU
         if not sample:
             if self.env is not None:
                 self.env.close()
@@ -111,7 +125,8 @@ class RolloutWorker:
         # are worked out for all steps at once afterwards (numpy calls per step are the overhead).
         fresh: dict[str, list[np.ndarray]] = {k: [] for k in _STEP_COLUMNS}
         obs_l, new_obs_l, actions_l, rewards_l, term_l, trunc_l, logp_l, vf_l = fresh.values()
-        obs_space, policy, env = self.observation_space, self.policy, self.env
+        raw_l = [] if self._transformed else None  # rewards before clipping or normalizing
+        obs_space, policy, env = self.observation_space, self._acting_policy(), self.env
         obs = self._obs
         resetting = self._needs_reset
         faults: list[tuple[int, np.ndarray]] = []  # (step, sub-envs made anew there): rows to drop
@@ -131,6 +146,8 @@ class RolloutWorker:
                 new_obs_l.append(next_obs)
                 actions_l.append(out.actions)
                 rewards_l.append(rewards)
+                if raw_l is not None:
+                    raw_l.append(env.raw_rewards)
                 term_l.append(terminateds)
                 trunc_l.append(truncateds)
                 logp_l.append(out.logp)
@@ -147,6 +164,8 @@ class RolloutWorker:
         self._num_steps += len(obs_l)
         # (num_envs, num_steps, ...); np.array of a list is a few times cheaper than np.stack.
         steps = {k: np.ascontiguousarray(np.array(v).swapaxes(0, 1)) for k, v in fresh.items()}
+        if raw_l is not None:
+            steps["raw_rewards"] = np.array(raw_l).swapaxes(0, 1)
         remade = np.zeros(steps["terminateds"].shape, dtype=bool)
         for step, envs in faults:
             remade[:, step] = envs
@@ -202,7 +221,7 @@ class RolloutWorker:
         invalid[:, 1:] = done[:, :-1]
         invalid |= remade
         valid = ~invalid
-        rewards = steps["rewards"].astype(np.float64) * valid
+        rewards = steps.get("raw_rewards", steps["rewards"]).astype(np.float64) * valid  # returns of the raw ones
         # Counts and sums restart at each reset step: subtract their value at the last reset.
         last_reset = np.maximum.accumulate(np.where(invalid, np.arange(S), -1), axis=1)
         seen_reset = last_reset >= 0
@@ -244,7 +263,7 @@ class RolloutWorker:
         held_last = rank == valid.sum(axis=1, keepdims=True) - 1
         need = keep & ((truncateds & ~terminateds) | (~ends & held_last))
         if need.any():
-            next_vf[need] = self.policy.value(steps["new_obs"][need])
+            next_vf[need] = (self._acting or self.policy).value(steps["new_obs"][need])
         rows = np.flatnonzero(keep)  # one index for every column: cheaper than a mask per column
         columns = {k: np.take(steps[k].reshape(-1, *steps[k].shape[2:]), rows, axis=0) for k in _COLUMNS}
         columns["next_vf_preds"] = np.take(next_vf.reshape(-1), rows)
@@ -255,13 +274,41 @@ class RolloutWorker:
             self._leftover["valid"] = carry[:, first:]
         else:
             self._leftover = None
-        return SampleBatch(columns, self.spaces, episodes, env_faults=env_faults)
+        delta = self.normalizer.pop_delta() if self.normalizer is not None else None
+        return SampleBatch(columns, self.spaces, episodes, env_faults=env_faults, normalize_delta=delta)
+
+    # ---- the learner's device ----------------------------------------------------------------------
+    def use_learner_device(self, device: torch.device) -> None:
+        """Puts this worker's policy (the driver's: the learner's) on `device`. Sampling then acts
+        with a CPU copy of it, brought up to date before each sample() (one device-to-host copy of
+        the acting weights, under 1 ms for the Nature CNN): rollouts stay on the CPU."""
+        if device.type == "cpu":
+            return
+        if self.env is not None:
+            self._acting = copy.deepcopy(self.policy)
+        self.policy.to_device(device)
+
+    def _acting_policy(self) -> Any:
+        if self._acting is None:
+            return self.policy
+        self._acting.set_weights(self.policy.get_weights(), self.policy.weights_version)
+        return self._acting
 
     # ---- weights ----------------------------------------------------------------------------------
     def get_weights(self) -> dict[str, torch.Tensor]:
-        return self.policy.get_weights()
+        """The policy's weights and, with the normalize preset, the merged statistics (under
+        NORMALIZE_PREFIX): what the driver sends to the rollout workers."""
+        weights = self.policy.get_weights()
+        if self.normalizer is not None:
+            weights.update({NORMALIZE_PREFIX + k: v for k, v in self.normalizer.state_dict().items()})
+        return weights
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> None:
+        stats = {k[len(NORMALIZE_PREFIX):]: v for k, v in weights.items() if k.startswith(NORMALIZE_PREFIX)}
+        if stats:
+            weights = {k: v for k, v in weights.items() if not k.startswith(NORMALIZE_PREFIX)}
+            if self.normalizer is not None:
+                self.normalizer.load_state_dict(stats)
         self.policy.set_weights(weights, version)
 
     def weights_version(self) -> int:
@@ -279,9 +326,12 @@ class RolloutWorker:
 
 
 def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | None = None, episodes: int = 10,
-                    seed: int = 0, explore: bool = False, with_lengths: bool = False, parallel: int = 10):
+                    seed: int = 0, explore: bool = False, with_lengths: bool = False, parallel: int = 10,
+                    pipeline: EnvPipeline | None = None, normalizer: Normalizer | None = None):
     """Returns of `episodes` whole episodes in fresh envs (seeds seed, seed + 1, ...), acting
-    greedily unless `explore`; with `with_lengths`, (returns, lengths). Up to `parallel`
+    greedily unless `explore`; with `with_lengths`, (returns, lengths). The envs have the
+    wrappers of `pipeline` (the run's env_wrappers) and observations are normalized with
+    `normalizer`'s statistics, frozen; returns are of the raw rewards. Up to `parallel`
     episodes run side by side, one env each, with one policy call per step for all that are
     still running: each episode has its own env and seed, so a greedy policy scores what it
     would playing them one after another."""
@@ -293,14 +343,15 @@ def evaluate_policy(policy: TorchPolicy, env: str, env_config: dict[str, Any] | 
     try:
         for first in range(0, episodes, parallel):
             _play_side_by_side(policy, env, env_config, range(first, min(first + parallel, episodes)), seed, explore,
-                               returns, lengths)
+                               returns, lengths, pipeline, normalizer)
     finally:
         torch.set_num_threads(threads)
     return (returns, lengths) if with_lengths else returns
 
 
 def _play_side_by_side(policy: TorchPolicy, env: str, env_config: dict[str, Any] | None, indexes: range, seed: int,
-                       explore: bool, returns: list[float], lengths: list[int]) -> None:
+                       explore: bool, returns: list[float], lengths: list[int], pipeline: EnvPipeline | None = None,
+                       normalizer: Normalizer | None = None) -> None:
     """Episodes `indexes` (episode i in an env reset with seed + i) to their ends, adding up
     their returns and lengths."""
     from flowrl.envs import make_env
@@ -310,11 +361,11 @@ def _play_side_by_side(policy: TorchPolicy, env: str, env_config: dict[str, Any]
     try:
         obs = {}
         for i in indexes:
-            envs[i] = make_env(env, env_config)
+            envs[i] = make_env(env, env_config, pipeline)
             obs[i], _ = envs[i].reset(seed=seed + i)
         while obs:
             running = list(obs)
-            batch = _stack_obs(space, [obs[i] for i in running])
+            batch = frozen_observations(normalizer, _stack_obs(space, [obs[i] for i in running]))
             actions = policy.compute_actions(obs_to_array(space, batch), explore).env_actions
             for i, action in zip(running, actions):
                 obs[i], reward, terminated, truncated, _ = envs[i].step(int(action) if np.ndim(action) == 0 else action)
@@ -352,41 +403,100 @@ class WorkerSet:
     `actor_start_timeout_s` to be placed and built (see ActorSet). `input_source`, when given,
     is where ParallelRollouts takes its batches from instead (`stream(workers)`: a policy server
     for external applications, flowrl.connectors.external). On a Ray cluster of several nodes
-    `placement_strategy` lays the remote workers out (flowrl.cluster; SPREAD: over every node)."""
+    `placement_strategy` lays the remote workers out (flowrl.cluster; SPREAD: over every node).
+    `learner_device` (flowrl.device.resolve_device) is where the local worker's policy learns, with
+    `learner_num_threads` torch threads (default: flowrl.device.default_learner_threads)."""
 
     def __init__(self, num_workers: int = 0, num_cpus_per_worker: float = 1.0, max_restarts: int = 3,
                  output: Any = None, actor_start_timeout_s: float = 60.0, input_source: Any = None,
-                 placement_strategy: str = "SPREAD", **worker_kwargs: Any):
+                 placement_strategy: str = "SPREAD", learner_device: torch.device | None = None,
+                 learner_num_threads: int | None = None, **worker_kwargs: Any):
         self.output = output
         self.input_source = input_source
         if worker_kwargs.get("seed") is None:
             # One seed for all, so that every policy copy starts from the same weights.
             worker_kwargs["seed"] = int(np.random.SeedSequence().entropy % (2**31))
         self.worker_kwargs = worker_kwargs
-        self.local_worker = RolloutWorker(**worker_kwargs, actor_index=0,
-                                          sample=num_workers == 0 and worker_kwargs.get("env") is not None)
-        self.remote_workers = ActorSet(RolloutWorker, num_workers, kwargs=worker_kwargs, name="RolloutWorker",
+        worker_cls = RolloutWorker
+        if worker_kwargs.get("multiagent") is not None:  # config.multiagent: one policy per policy id
+            from flowrl.multi_agent_rollout import MultiAgentRolloutWorker as worker_cls
+        self.local_worker = worker_cls(**worker_kwargs, actor_index=0,
+                                       sample=num_workers == 0 and worker_kwargs.get("env") is not None)
+        if learner_device is not None:  # remote workers stay on the CPU
+            self.local_worker.use_learner_device(learner_device)
+        self.learner_num_threads = learner_num_threads or default_learner_threads(num_workers, num_cpus_per_worker)
+        self.remote_workers = ActorSet(worker_cls, num_workers, kwargs=worker_kwargs, name=worker_cls.__name__,
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
                                        index_offset=1,  # index 0 is the local worker
                                        start_timeout_s=actor_start_timeout_s, placement_strategy=placement_strategy)
         self.remote_workers.on_replace.append(self._sync_replacement)
         self.remote_workers.on_start.append(self.sync_weights)
+        self.trained_policies: set[str] = set()  # multi-agent: trained since UpdateWeights last sent them
+        self._policy_changes: list[tuple[str, tuple]] = []  # multi-agent: add_policy / set_policy_mapping calls
 
     def sync_weights(self) -> None:
         """Give every remote worker the learner's weights and version (at start, after a resume)."""
         if self.remote_workers.started and self.num_remote_workers:
-            policy = self.local_worker.policy
-            weights = self.remote_workers.executor.put(policy.get_weights())
-            self.remote_workers.foreach("set_weights", weights, policy.weights_version)
+            for method, args in self._policy_changes:  # workers made from worker_kwargs lack them
+                self.remote_workers.foreach(method, *args)
+            weights = self.remote_workers.executor.put(self.local_worker.get_weights())
+            self.remote_workers.foreach("set_weights", weights, self.local_worker.weights_version())
 
     def _sync_replacement(self, index: int) -> None:
-        policy = self.local_worker.policy
-        ref = self.remote_workers.submit(index, "set_weights", policy.get_weights(), policy.weights_version)
+        for method, args in self._policy_changes:
+            self.remote_workers.get(index, self.remote_workers.submit(index, method, *args), method)
+        ref = self.remote_workers.submit(index, "set_weights", self.local_worker.get_weights(),
+                                         self.local_worker.weights_version())
         self.remote_workers.get(index, ref, "set_weights")
 
     @property
     def policy(self) -> TorchPolicy:
         return self.local_worker.policy
+
+    @property
+    def is_multi_agent(self) -> bool:
+        return hasattr(self.local_worker, "policies")
+
+    @property
+    def policies(self) -> dict[str, TorchPolicy]:
+        """The learner's policies by id: multi-agent ones, or the one policy as "default_policy"."""
+        return self.local_worker.policies if self.is_multi_agent else {"default_policy": self.local_worker.policy}
+
+    def add_policy(self, policy_id: str, like: str) -> None:
+        """Multi-agent: a new policy on every worker, a frozen copy of policy `like` as it is now
+        (self-play: a snapshot of a learning policy as an opponent). It acts once a mapping
+        (`set_policy_mapping`) names it; it never learns."""
+        weights = self.local_worker.policies[like].get_weights()
+        self.local_worker.add_policy(policy_id, like, weights)
+        self._change_policies("add_policy", (policy_id, like, weights))
+
+    def set_policy_mapping(self, mapping: Callable[[str, int], str]) -> None:
+        """Multi-agent: `mapping(agent_id, episode_id)` on every worker, for episodes that start
+        from now on (a module-level function, or one Ray can pickle)."""
+        self.local_worker.set_policy_mapping(mapping)
+        self._change_policies("set_policy_mapping", (mapping,))
+
+    def _change_policies(self, method: str, args: tuple) -> None:
+        self._policy_changes.append((method, args))  # replayed on workers made later
+        if self.remote_workers.started and self.num_remote_workers:
+            self.remote_workers.foreach(method, *args)
+
+    @property
+    def steps_counter(self) -> str:
+        """The counter that schedules follow: num_agent_steps_sampled with count_steps_by:
+        agent_steps (multi-agent), else num_env_steps_sampled."""
+        by_agent = self.is_multi_agent and self.worker_kwargs.get("count_steps_by") == "agent_steps"
+        return "num_agent_steps_sampled" if by_agent else "num_env_steps_sampled"
+
+    @property
+    def policies_to_train(self) -> list[str]:
+        return self.local_worker.policies_to_train if self.is_multi_agent else ["default_policy"]
+
+    def evaluation_env(self) -> dict[str, Any]:
+        """evaluate_policy's pipeline and normalizer: the workers' env_wrappers, and the
+        normalize statistics (applied frozen)."""
+        return {"pipeline": EnvPipeline.parse(self.worker_kwargs.get("env_wrappers")),
+                "normalizer": self.local_worker.normalizer}
 
     @property
     def num_remote_workers(self) -> int:

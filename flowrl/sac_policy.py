@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowrl.device import cpu_weights
 from flowrl.policy import Actions, _apply, _layer_calls, flat_obs_size
 from flowrl.q_policy import ReplayPolicy, mlp_layers
 
@@ -55,7 +56,7 @@ class SquashedGaussianActor(nn.Module):
         if self._steps is None:
             self._steps = tuple(_layer_calls(m) for m in (self.trunk, self.mean, self.log_std))
         trunk, mean, log_std = self._steps
-        features = _apply(trunk, obs)
+        features = _apply(trunk, obs if obs.dtype == torch.float32 else obs.float())  # MuJoCo's are float64
         return _apply(mean, features), _apply(log_std, features).clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -135,8 +136,12 @@ class SACPolicy(ReplayPolicy):
         """What `target_model` follows (UpdateTargetNetwork): the critics."""
         return self.model.critic
 
+    def to_device(self, device: torch.device) -> None:
+        super().to_device(device)
+        self.scale, self.bias = self.scale.to(device), self.bias.to(device)
+
     def to_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(obs).float()
+        return torch.as_tensor(obs, device=self.device).float()
 
     # ---- acting ---------------------------------------------------------------------------------
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +154,9 @@ class SACPolicy(ReplayPolicy):
     def compute_actions(self, obs: np.ndarray, explore: bool = True) -> Actions:
         with torch.inference_mode():
             mean, log_std = self.model.actor(self.to_tensor(obs))
-        mean, std = mean.numpy(), np.exp(log_std.numpy())
+        mean, std = mean.cpu().numpy(), np.exp(log_std.cpu().numpy())
         u = mean + std * self.rng.standard_normal(mean.shape, dtype=np.float32) if explore else mean
-        actions = (self.bias.numpy() + self.scale.numpy() * np.tanh(u)).astype(np.float32)
+        actions = (self.bias.cpu().numpy() + self.scale.cpu().numpy() * np.tanh(u)).astype(np.float32)
         actions = actions.reshape(len(actions), *self.action_space.shape)
         zeros = np.zeros(len(actions), dtype=np.float32)
         return Actions(actions, actions, zeros, zeros)
@@ -164,7 +169,7 @@ class SACPolicy(ReplayPolicy):
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The actor's tensors: all a rollout worker needs."""
-        return {k: v.detach().clone() for k, v in self.model.actor.state_dict().items()}
+        return cpu_weights(self.model.actor.state_dict())
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> None:
         self.model.actor.load_state_dict(weights)

@@ -34,8 +34,11 @@ SPACES_KEY = b"flowrl.spaces"
 EPISODES_KEY = b"flowrl.episodes"
 # Sub-envs that raised and were made anew while the rows were sampled (a decimal count).
 ENV_FAULTS_KEY = b"flowrl.env_faults"
+# What the normalize preset's statistics gained while the rows were sampled (flowrl.normalize):
+# msgpack {"obs": [count, mean, m2], "ret": [...]}.
+NORMALIZE_KEY = b"flowrl.normalize_delta"
 # What the batch as a whole reports, not its rows: dropped by row selections, summed by concat.
-SUMMARY_KEYS = (EPISODES_KEY, ENV_FAULTS_KEY)
+SUMMARY_KEYS = (EPISODES_KEY, ENV_FAULTS_KEY, NORMALIZE_KEY)
 # Arrow has no multi-dimensional bool8; such columns are stored as uint8 tensors and marked.
 _DTYPE_KEY = b"flowrl.numpy_dtype"
 
@@ -303,7 +306,8 @@ class SampleBatch(Mapping):
 
     def __init__(self, columns: Mapping[str, Any] | None = None,
                  spaces: Mapping[str, gym.Space] | None = None,
-                 episodes: Sequence[tuple[float, int]] | None = None, env_faults: int = 0):
+                 episodes: Sequence[tuple[float, int]] | None = None, env_faults: int = 0,
+                 normalize_delta: dict[str, list] | None = None):
         columns = dict(columns or {})
         num_rows = None
         arrays, fields = [], []
@@ -324,6 +328,8 @@ class SampleBatch(Mapping):
             metadata[EPISODES_KEY] = msgpack.packb([[float(r), int(n)] for r, n in episodes])
         if env_faults:
             metadata[ENV_FAULTS_KEY] = str(int(env_faults)).encode()
+        if normalize_delta:
+            metadata[NORMALIZE_KEY] = msgpack.packb(normalize_delta)
         schema = pa.schema(fields, metadata=metadata or None)
         rb = pa.RecordBatch.from_arrays(arrays, schema=schema) if arrays else \
             pa.RecordBatch.from_pylist([], schema=schema)
@@ -385,6 +391,14 @@ class SampleBatch(Mapping):
         episodes are not in it). Kept and merged like `episodes`."""
         raw = (self._schema.metadata or {}).get(ENV_FAULTS_KEY)
         return int(raw) if raw else 0
+
+    @property
+    def normalize_delta(self) -> dict[str, list] | None:
+        """What the normalize preset's statistics gained while this batch was sampled (None
+        without it); the driver merges it into the statistics it sends the workers. Kept and
+        merged like `episodes`."""
+        raw = (self._schema.metadata or {}).get(NORMALIZE_KEY)
+        return msgpack.unpackb(raw) if raw else None
 
     @property
     def nbytes(self) -> int:
@@ -498,8 +512,10 @@ class SampleBatch(Mapping):
                     raise ValueError(f"cannot concat: column {name!r} is {c.dtype}{list(c.shape[1:])} in batch {i}"
                                      f" but {a.dtype}{list(a.shape[1:])} in batch 0")
         columns = {name: np.concatenate([b[name] for b in batches]) for name in first.columns}
+        from flowrl.normalize import merge_deltas
+
         return SampleBatch(columns, first._spaces, [e for b in batches for e in b.episodes],
-                           sum(b.env_faults for b in batches))
+                           sum(b.env_faults for b in batches), merge_deltas([b.normalize_delta for b in batches]))
 
     def split_by_episode(self) -> list["SampleBatch"]:
         """Contiguous pieces, each holding rows of exactly one `eps_id`, in order."""

@@ -12,7 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from flowrl.checkpoints import _load_tensors, is_checkpoint_dir, newest_readable
+from flowrl.checkpoints import _load_tensors, is_checkpoint_dir, load_normalizer, newest_readable
+from flowrl.env_pipeline import EnvPipeline, TrainingTransform, frozen_observations
+from flowrl.normalize import Normalizer
 from flowrl.planfile import ExperimentError, FlowrlWarning
 from flowrl.policy import TorchPolicy, make_policy
 
@@ -54,19 +56,36 @@ class TrainedPolicy:
 
     policy = flowrl.load_policy("runs/cartpole-ppo/latest")
     action = policy.compute_action(obs)
+
+    `obs` is an observation of the env with the run's env_wrappers (`make_env()` makes one); the
+    normalize preset's statistics, saved with the checkpoint, are applied to it frozen.
     """
 
-    def __init__(self, policy: TorchPolicy, env: str, env_config: dict[str, Any], checkpoint: Path | None = None):
+    def __init__(self, policy: TorchPolicy, env: str, env_config: dict[str, Any], checkpoint: Path | None = None,
+                 pipeline: EnvPipeline | None = None, normalizer: Normalizer | None = None,
+                 team: dict[str, TorchPolicy] | None = None, policy_id: str | None = None,
+                 multiagent: dict[str, Any] | None = None):
+        """A policy of a multi-agent run also has its `team` (every policy of the run, by id),
+        its `policy_id` and the run's `multiagent` section: it is evaluated playing with them."""
         self.policy = policy
+        self.team, self.policy_id, self.multiagent = team, policy_id, multiagent
         self.env = env
         self.env_config = env_config
         self.checkpoint = checkpoint  # the checkpoint directory it was loaded from
+        self.pipeline = pipeline or EnvPipeline()
+        self.normalizer = normalizer
+
+    def make_env(self):
+        """One env as the policy was trained in: the run's env, env_config and env_wrappers."""
+        from flowrl.envs import make_env
+
+        return make_env(self.env, self.env_config, self.pipeline)
 
     def compute_action(self, obs: Any, explore: bool = False) -> Any:
         from flowrl.policy import obs_to_array
         from flowrl.rollout import add_batch_dim
 
-        batched = add_batch_dim(self.policy.observation_space, obs)
+        batched = frozen_observations(self.normalizer, add_batch_dim(self.policy.observation_space, obs))
         out = self.policy.compute_actions(obs_to_array(self.policy.observation_space, batched), explore=explore)
         action = out.env_actions[0]
         return int(action) if np.ndim(action) == 0 else action
@@ -76,7 +95,13 @@ class TrainedPolicy:
 
         if self.env is None:  # trained by external clients from spaces given in its config
             raise ExperimentError(f"{self.checkpoint}: the run names no env to evaluate its policy in")
-        return evaluate_policy(self.policy, self.env, self.env_config, episodes, seed)
+        if self.team is not None:  # the returns of this policy's agents, the whole team acting greedily
+            from flowrl.multi_agent_rollout import evaluate_multi_agent
+
+            return evaluate_multi_agent(self.team, self.env, self.env_config, self.multiagent, episodes, seed)[1][
+                self.policy_id]
+        return evaluate_policy(self.policy, self.env, self.env_config, episodes, seed, pipeline=self.pipeline,
+                               normalizer=self.normalizer)
 
 
 def resolve_run_path(path: str | os.PathLike) -> Path:
@@ -115,18 +140,24 @@ def _read_model(checkpoint: Path) -> Any:
     return _load_tensors(checkpoint / "model.pt")
 
 
-def load_policy(path: str | os.PathLike) -> TrainedPolicy:
+def load_policy(path: str | os.PathLike, policy: str | None = None) -> TrainedPolicy:
     """The trained policy in a run directory (its newest readable checkpoint, with a warning when
-    a newer one cannot be read), a checkpoint directory, or an experiment directory (its `latest`)."""
+    a newer one cannot be read), a checkpoint directory, or an experiment directory (its `latest`).
+    A multi-agent run has several: `policy` names the one to load."""
     from flowrl.envs import make_vector_env
 
     checkpoint, state = checkpoint_at(path, _read_model)
     run_dir = checkpoint.parent.parent
     env, plan_name, config, _ = run_description(checkpoint)
+    if config.get("multiagent") is not None:
+        return _load_team_policy(checkpoint, state, env, plan_name, config, policy)
+    if policy is not None:
+        raise ExperimentError(f"{checkpoint}: a single-agent run; it has no policy {policy!r} to choose")
     given = (config.get("external") or {}) if config.get("input") == "external" else {}
     if env is None and given.get("observation_space") is None:
         raise ExperimentError(f"{run_dir}: the run trained from a dataset without naming an env; there is nothing "
                               "to evaluate it in")
+    pipeline, normalizer = None, None
     if env is None:  # external clients trained it, with the spaces its config gives
         from flowrl.spaces import space_from_spec
 
@@ -135,9 +166,13 @@ def load_policy(path: str | os.PathLike) -> TrainedPolicy:
         except (KeyError, ValueError) as e:
             raise ExperimentError(f"{run_dir / 'config.yaml'}: config.external: {e}") from None
     else:
-        vec = make_vector_env(env, 1, config.get("env_config") or {})
+        pipeline = _run_pipeline(run_dir, config)
+        vec = make_vector_env(env, 1, config.get("env_config") or {}, pipeline=pipeline)
         spaces = vec.single_observation_space, vec.single_action_space
+        normalizer = vec.normalizer if isinstance(vec, TrainingTransform) else None
         vec.close()
+        if normalizer is not None:  # the statistics the policy was trained with, frozen
+            load_normalizer(_load_tensors(checkpoint / "normalize.pt"), normalizer, checkpoint / "normalize.pt")
     policy_class, options = run_policy_spec(run_dir, plan_name, config)
     policy = make_policy(policy_class, *spaces, model=config.get("model"), seed=0, **options)
     try:
@@ -145,7 +180,39 @@ def load_policy(path: str | os.PathLike) -> TrainedPolicy:
     except RuntimeError as e:
         raise ExperimentError(f"{checkpoint / 'model.pt'}: does not fit the run's model ({str(e).splitlines()[0]})") \
             from None
-    return TrainedPolicy(policy, env, config.get("env_config") or {}, checkpoint)
+    return TrainedPolicy(policy, env, config.get("env_config") or {}, checkpoint, pipeline, normalizer)
+
+
+def _load_team_policy(checkpoint: Path, state: dict[str, Any], env: str, plan_name: str, config: dict[str, Any],
+                      policy_id: str | None) -> TrainedPolicy:
+    """Policy `policy_id` of a multi-agent run, with the run's other policies as its team."""
+    from flowrl.multi_agent_rollout import MultiAgentRolloutWorker
+
+    policy_class, options = run_policy_spec(checkpoint.parent.parent, plan_name, config)
+    team = MultiAgentRolloutWorker(env, config["multiagent"], env_config=config.get("env_config") or {},
+                                   model=config.get("model"), seed=0, sample=False, num_threads=None,
+                                   policy=policy_class, policy_config=options).policies
+    if policy_id is None or policy_id not in team:
+        given = "give one" if policy_id is None else f"it has no policy {policy_id!r}"
+        raise ExperimentError(f"{checkpoint}: a multi-agent run of policies {', '.join(team)}; {given} "
+                              "(policy=... / --policy)")
+    for pid, member in team.items():
+        try:
+            member.model.load_state_dict(state[pid])
+        except (KeyError, RuntimeError) as e:
+            raise ExperimentError(f"{checkpoint / 'model.pt'}: policy {pid!r} does not fit the run's model "
+                                  f"({str(e).splitlines()[0]})") from None
+    return TrainedPolicy(team[policy_id], env, config.get("env_config") or {}, checkpoint, team=team,
+                         policy_id=policy_id, multiagent=config["multiagent"])
+
+
+def _run_pipeline(run_dir: Path, config: dict[str, Any]) -> EnvPipeline:
+    from flowrl.config import ConfigError
+
+    try:
+        return EnvPipeline.parse(config.get("env_wrappers"), key="config.env_wrappers")
+    except ConfigError as e:
+        raise ExperimentError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 
 
 def run_policy_spec(run_dir: Path, plan_name: str, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -32,8 +32,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flowrl.planfile import (Experiment, ExperimentError, _plan_label, _resolve_run, make_experiment, result_value,
-                             set_dotted, stop_reason)
+from flowrl.planfile import (Experiment, ExperimentConfigError, ExperimentError, _plan_label, _resolve_run,
+                             make_experiment, result_value, set_dotted, stop_reason)
 
 SCHEDULERS = ("fifo", "asha", "pbt")
 
@@ -72,15 +72,17 @@ def trainable(plan: Any, env: str | None = None, stop: dict[str, Any] | None = N
 
 
 def trial_resources(config_class: type, config: dict[str, Any]):
-    """One bundle for the trial itself (the learner), one per rollout worker, laid out over the
-    nodes as `worker_placement_strategy` says (DEFAULT: Tune's PACK)."""
+    """One bundle for the trial itself (the learner, with its `num_gpus`), one per rollout worker,
+    laid out over the nodes as `worker_placement_strategy` says (DEFAULT: Tune's PACK)."""
     from ray.tune import PlacementGroupFactory
 
     defaults = config_class()
     num_workers = int(config.get("num_workers", defaults.num_workers))
     per_worker = float(config.get("num_cpus_per_worker", defaults.num_cpus_per_worker))
     strategy = str(config.get("worker_placement_strategy", defaults.worker_placement_strategy))
-    return PlacementGroupFactory([{"CPU": 1.0}] + [{"CPU": per_worker}] * num_workers,
+    num_gpus = float(config.get("num_gpus", defaults.num_gpus))
+    learner = {"CPU": 1.0, "GPU": num_gpus} if num_gpus else {"CPU": 1.0}
+    return PlacementGroupFactory([learner] + [{"CPU": per_worker}] * num_workers,
                                  strategy="PACK" if strategy == "DEFAULT" else strategy)
 
 
@@ -221,6 +223,8 @@ def run_sweep(exp: Experiment, output_dir: str | os.PathLike = "runs", num_sampl
     from ray import tune
 
     from flowrl.cluster import runtime_env_for
+    from flowrl.config import ConfigError
+    from flowrl.device import check_ray_gpus
     from flowrl.executors import RayExecutor
     from flowrl.experiment import claim_dir, point_latest
 
@@ -237,6 +241,12 @@ def run_sweep(exp: Experiment, output_dir: str | os.PathLike = "runs", num_sampl
                                runtime_env=runtime_env)
     ray_executor.start()  # joins a Ray already running in this process, else starts one (or joins address)
     try:
+        if exp.config.num_gpus:
+            try:
+                check_ray_gpus(exp.config.num_gpus)
+            except ConfigError as e:
+                raise ExperimentConfigError(f"{exp.source}: experiment {exp.name!r}", ConfigError(f"config.{e.key}",
+                                                                                                  e.message)) from None
         experiment_dir = Path(output_dir) / exp.name
         sweep_dir = claim_dir(experiment_dir).resolve()
         fn = trainable(exp.plan, exp.env, exp.stop, output_dir=sweep_dir, name=exp.name,

@@ -5,7 +5,7 @@ from flowrl.operators.metrics import StandardMetricsReporting
 from flowrl.operators.replay import (BatchReplayBuffer, MixInReplay, Replay, ReplayBuffer, StoreToReplayBuffer,
                                      UpdatePriorities, check_replay_memory, weights_for_training_intensity)
 from flowrl.operators.rollouts import (ComputeAdvantages, ConcatBatches, Gather, ParallelRollouts, RecordSampled,
-                                       SelectExperiences, StandardizeFields, trajectory_ends)
+                                       SelectExperiences, SelectPolicies, StandardizeFields, trajectory_ends)
 from flowrl.operators.train import (AverageGradients, ApplyGradients, ComputeGradients, Gradients,
                                     LearningRateSchedule, TrainOneStep, UpdateTargetNetwork, UpdateWeights)
 
@@ -13,7 +13,7 @@ __all__ = [
     "ApplyGradients", "AverageGradients", "BatchReplayBuffer", "ComputeAdvantages", "ComputeGradients",
     "ConcatBatches", "Concurrently", "Dequeue", "Enqueue", "Gather", "Gradients", "LearnerQueue",
     "LearningRateSchedule", "MixInReplay", "ParallelRollouts", "RecordSampled", "Replay", "ReplayBuffer",
-    "SelectExperiences", "StandardMetricsReporting", "StandardizeFields", "StoreToReplayBuffer", "TrainOneStep",
+    "SelectExperiences", "SelectPolicies", "StandardMetricsReporting", "StandardizeFields", "StoreToReplayBuffer", "TrainOneStep",
     "UpdatePriorities", "UpdateTargetNetwork", "UpdateWeights", "check_replay_memory", "trajectory_ends",
     "weights_for_training_intensity",
 ]

@@ -63,7 +63,7 @@ class EvaluatePolicy(_Every):
 
     def measure(self) -> dict[str, Any]:
         returns, lengths = evaluate_policy(self.workers.policy, self.env, self.env_config, self.episodes, self.seed,
-                                           with_lengths=True)
+                                           with_lengths=True, **self.workers.evaluation_env())
         return episode_summary(returns, lengths)
 
 
@@ -107,6 +107,7 @@ class OffPolicyEstimates(_Every):
         obs = policy.to_tensor(self.episodes["obs"])
         with torch.inference_mode():
             dist_inputs, _ = policy.model(obs)
-            target_logp = policy.dist(dist_inputs).log_prob(torch.as_tensor(self.episodes["actions"])).numpy()
+            actions = torch.as_tensor(self.episodes["actions"], device=dist_inputs.device)
+            target_logp = policy.dist(dist_inputs).log_prob(actions).cpu().numpy()
         return importance_sampling(target_logp, self.episodes["action_logp"], self.episodes["rewards"],
                                    self.episodes["eps_id"], self.gamma)

@@ -13,7 +13,8 @@ from flowrl.plan import PlanContext
 class StandardMetricsReporting:
     """A plan's `report`: episode statistics over the last `num_episodes` (at most 100) finished
     episodes, RLlib's aliases for the counters, and the learner's statistics (the item, when it
-    is a Mapping). How often a result is made is the plan's to say (`Plan(min_time_s=...,
+    is a Mapping). With several policies, `episode_return_mean` is the team's (the sum over
+    agents) and `policy/<name>/episode_return_mean` that of the policy's agents. How often a result is made is the plan's to say (`Plan(min_time_s=...,
     min_env_steps=...)`).
 
     >>> from flowrl.plan import Plan
@@ -51,6 +52,9 @@ class StandardMetricsReporting:
             "timesteps_total": counters["num_env_steps_sampled"],
             "episodes_total": counters["num_episodes"],
         }
+        for pid, policy_episodes in self.ctx.policy_episodes.items():  # multi-agent: each policy's agents
+            policy_returns = [r for r, _ in list(policy_episodes)[-self.num_episodes:]]
+            out[f"policy/{pid}/episode_return_mean"] = float(np.mean(policy_returns)) if policy_returns else None
         if isinstance(item, Mapping):
             out.update(item)
         return out

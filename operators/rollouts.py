@@ -1,5 +1,9 @@
 """Operators that produce and shape experience: ParallelRollouts, ConcatBatches,
-SelectExperiences, StandardizeFields, ComputeAdvantages."""
+SelectExperiences, SelectPolicies, StandardizeFields, ComputeAdvantages.
+
+With a multi-agent env the stream carries MultiAgentBatches (flowrl.multi_agent_batch): the
+shaping operators apply to each policy's batch, and ConcatBatches counts env steps or agent
+steps as `count_steps_by` says."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flowrl.executors import from_actors, gather_sync
+from flowrl.multi_agent_batch import MultiAgentBatch, concat_batches, per_policy
 from flowrl.plan import PlanContext
 from flowrl.returns import gae, n_step_returns
 from flowrl.rollout import WorkerSet
@@ -27,21 +32,31 @@ class RecordSampled(Map):
     """Counts sampled env steps, finished episodes and sub-envs made anew after raising
     (`num_env_faults`, which also counts remote workers replaced for their env's fault) into the
     plan's state, and hands each batch to `output` (a dataset writer: `write(batch)`, `close()`)
-    when there is one; passes batches on."""
+    when there is one; passes batches on. With the normalize preset, each batch's statistics
+    delta is merged into `normalizer`, the driver's master copy (flowrl.normalize)."""
 
-    def __init__(self, output=None):
+    def __init__(self, output=None, normalizer=None):
         self.output = output
+        self.normalizer = normalizer
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
         ctx.counters.setdefault("num_env_faults", 0)
 
     def __call__(self, batch: SampleBatch) -> SampleBatch:
-        self.ctx.counters["num_env_steps_sampled"] += len(batch)
+        if isinstance(batch, MultiAgentBatch):
+            self.ctx.counters["num_env_steps_sampled"] += batch.env_steps
+            self.ctx.counters["num_agent_steps_sampled"] += batch.agent_steps
+            for pid, episodes in batch.policy_episodes.items():
+                self.ctx.policy_episodes[pid].extend(episodes)
+        else:
+            self.ctx.counters["num_env_steps_sampled"] += len(batch)
         self.ctx.counters["num_env_faults"] += batch.env_faults
         episodes = batch.episodes
         self.ctx.counters["num_episodes"] += len(episodes)
         self.ctx.episodes.extend(episodes)
+        if self.normalizer is not None and (delta := batch.normalize_delta):
+            self.normalizer.merge_delta(delta)
         if self.output is not None:
             self.output.write(batch)
         return batch
@@ -70,15 +85,16 @@ def ParallelRollouts(workers: WorkerSet, gather: Gather = Gather.SYNC, max_in_fl
         source = Stream.source(lambda: iter(workers.local_worker.sample, None), name="LocalRollouts")
     elif gather is Gather.SYNC:
         source = gather_sync(workers.remote_workers, "sample", name="ParallelRollouts").map(
-            SampleBatch.concat, name="ParallelRollouts.concat")
+            concat_batches, name="ParallelRollouts.concat")
     else:
         source = from_actors(workers.remote_workers, "sample", max_in_flight=max_in_flight,
                              name="ParallelRollouts")
-    return source.then(RecordSampled(workers.output))
+    return source.then(RecordSampled(workers.output, workers.local_worker.normalizer))
 
 
 class ConcatBatches(FlatMap):
-    """Concatenates incoming batches until they hold at least `min_batch_size` rows.
+    """Concatenates incoming batches until they hold at least `min_batch_size` rows (for
+MultiAgentBatches: env steps or agent steps, as their `count_steps_by` says).
 
     >>> from flowrl.plan import Plan
     >>> batches = Stream.from_iterable([SampleBatch({"x": np.arange(3)})] * 4)
@@ -99,7 +115,7 @@ class ConcatBatches(FlatMap):
         self.rows += len(batch)
         if self.rows < self.min_batch_size:
             return []
-        out = SampleBatch.concat(self.buffer)
+        out = concat_batches(self.buffer)
         self.buffer, self.rows = [], 0
         return [out]
 
@@ -121,6 +137,7 @@ class SelectExperiences(Map):
         self.max_weights_lag = max_weights_lag
         self.current_version = current_version
 
+    @per_policy
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         if self.max_weights_lag is not None:
             lag = self.current_version() - batch["weights_version"]
@@ -128,6 +145,22 @@ class SelectExperiences(Map):
             if len(keep) < len(batch):
                 batch = batch.take(keep)
         return batch.select(self.columns) if self.columns is not None else batch
+
+
+class SelectPolicies(Map):
+    """Keeps the batches of the named policies in each MultiAgentBatch (the env steps and team
+    episodes stay as they were): a branch of a plan that trains some of the policies.
+
+    >>> b = MultiAgentBatch({"a": SampleBatch({"x": np.arange(2)}), "b": SampleBatch({"x": np.arange(3)})}, 2)
+    >>> list(SelectPolicies(["b"])(b).policy_batches)
+    ['b']
+    """
+
+    def __init__(self, policy_ids: Sequence[str]):
+        self.policy_ids = list(policy_ids)
+
+    def __call__(self, batch: MultiAgentBatch) -> MultiAgentBatch:
+        return batch.select_policies(self.policy_ids)
 
 
 class StandardizeFields(Map):
@@ -141,6 +174,7 @@ class StandardizeFields(Map):
     def __init__(self, fields: Sequence[str]):
         self.fields = list(fields)
 
+    @per_policy
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         updates = {}
         for name in self.fields:
@@ -151,11 +185,15 @@ class StandardizeFields(Map):
 
 def trajectory_ends(batch: SampleBatch) -> np.ndarray:
     """True where the row's trajectory does not go on in the next row: the episode ended, or
-    the next row is another episode or not the next time step (a fragment boundary)."""
+    the next row is another episode, another agent (multi-agent batches) or not the next time
+    step (a fragment boundary)."""
     eps, t = batch["eps_id"], batch["t"]
     ends = batch["terminateds"] | batch["truncateds"]
     cut = np.ones(len(batch), dtype=bool)
     cut[:-1] = (eps[1:] != eps[:-1]) | (t[1:] != t[:-1] + 1)
+    if "agent_id" in batch:
+        agent = batch["agent_id"]
+        cut[:-1] |= agent[1:] != agent[:-1]
     return ends | cut
 
 
@@ -173,6 +211,7 @@ class ComputeAdvantages(Map):
     def __init__(self, gamma: float = 0.99, lam: float = 0.95, n_step: int | None = None):
         self.gamma, self.lam, self.n_step = gamma, lam, n_step
 
+    @per_policy
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         dones = trajectory_ends(batch)
         args = (batch["rewards"], batch["vf_preds"], batch["next_vf_preds"], batch["terminateds"], dones)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from flowrl.config import schedule_value
+from flowrl.device import batch_to_device, learner_threads
+from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.plan import PlanContext
 from flowrl.policy import TorchPolicy
 from flowrl.rollout import WorkerSet
@@ -52,7 +54,8 @@ def clip_and_step(policy: TorchPolicy, grad_clip: float | None) -> float | None:
 
 class LearningRateSchedule(Map):
     """Sets the learner's learning rate from `schedule` ([[timestep, lr], ...], piecewise
-    linear in the env steps sampled so far; None: `lr` throughout) before each training
+    linear in the env steps sampled so far, agent steps with count_steps_by: agent_steps; None:
+    `lr` throughout; multi-agent: each policy's own lr) before each training
     step. Passes its input on unchanged and reports `lr`. Every built-in plan with an
     optimizer puts one before its training step, so `lr_schedule` means the same in all.
 
@@ -74,15 +77,23 @@ class LearningRateSchedule(Map):
         self.ctx = ctx
 
     def __call__(self, item: Any) -> Any:
-        lr = schedule_value(self.schedule, self.ctx.counters["num_env_steps_sampled"], self.lr)
-        self.workers.policy.set_lr(lr)
-        self.ctx.info["lr"] = lr
+        steps = self.ctx.counters[self.workers.steps_counter]
+        if not self.workers.is_multi_agent:
+            lr = schedule_value(self.schedule, steps, self.lr)
+            self.workers.policy.set_lr(lr)
+            self.ctx.info["lr"] = lr
+            return item
+        for pid, policy in self.workers.policies.items():  # without a schedule each keeps its own lr
+            policy.set_lr(schedule_value(self.schedule, steps, policy.lr))
+            self.ctx.info[f"policy/{pid}/lr"] = policy.lr
         return item
 
 
 class TrainOneStep(Map):
     """Runs `num_sgd_iter` passes of minibatch SGD on the learner policy (the local worker's)
-    over each batch and yields the learner's statistics, averaged over the minibatches.
+    over each batch and yields the learner's statistics, averaged over the minibatches. A
+    MultiAgentBatch trains each of the workers' policies_to_train on its own rows, with its own
+    optimizer; statistics are then under policy/<name>/.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -111,37 +122,61 @@ class TrainOneStep(Map):
     def setup(self, ctx: PlanContext) -> None:
         self.counters = ctx.counters
 
-    def __call__(self, batch: SampleBatch) -> dict[str, float]:
-        policy = self.workers.policy
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> dict[str, float]:
         if self.before_update is not None:
             self.before_update()
+        if isinstance(batch, MultiAgentBatch):
+            return self._train_policies(batch)
         t0 = time.perf_counter()
-        all_stats = []
-        tensors = batch.to_torch()  # once per batch; minibatches are indexed from these
-        n = len(batch)
-        size = min(self.sgd_minibatch_size or n, n)
-        for _ in range(self.num_sgd_iter):
-            for minibatch in _minibatches(tensors, n, size, self.rng):
-                loss, stats = self.loss_fn(policy, minibatch)
-                policy.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = clip_and_step(policy, self.grad_clip)
-                stats = _floats(stats)
-                if norm is not None:
-                    stats["grad_norm"] = norm
-                all_stats.append(stats)
+        out = self._train(self.workers.policy, batch)
         self.counters["num_env_steps_trained"] += len(batch)
-        out = _mean_stats(all_stats)
         out["learn_time_s"] = time.perf_counter() - t0
         return out
 
+    def _train_policies(self, batch: MultiAgentBatch) -> dict[str, float]:
+        """Each policy to train that has rows in `batch`, with its own optimizer; statistics
+        under policy/<name>/. The policies trained are marked for UpdateWeights to send."""
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {}
+        for pid in self.workers.policies_to_train:
+            policy_batch = batch.policy_batches.get(pid)
+            if policy_batch is None or len(policy_batch) == 0:
+                continue
+            stats = self._train(self.workers.policies[pid], policy_batch)
+            out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
+            self.counters["num_agent_steps_trained"] += len(policy_batch)
+            self.workers.trained_policies.add(pid)
+        self.counters["num_env_steps_trained"] += batch.env_steps
+        out["learn_time_s"] = time.perf_counter() - t0
+        return out
 
-def _minibatches(tensors: dict[str, torch.Tensor], n: int, size: int, rng: np.random.Generator):
+    def _train(self, policy: TorchPolicy, batch: SampleBatch) -> dict[str, float | np.ndarray]:
+        all_stats = []
+        # On the learner's device once per batch; minibatches are indexed from these, there.
+        tensors = batch_to_device(batch.to_torch(), policy.device)
+        n = len(batch)
+        size = min(self.sgd_minibatch_size or n, n)
+        with learner_threads(self.workers.learner_num_threads):
+            for _ in range(self.num_sgd_iter):
+                for minibatch in _minibatches(tensors, n, size, self.rng, policy.device):
+                    loss, stats = self.loss_fn(policy, minibatch)
+                    policy.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norm = clip_and_step(policy, self.grad_clip)
+                    stats = _floats(stats)
+                    if norm is not None:
+                        stats["grad_norm"] = norm
+                    all_stats.append(stats)
+        return _mean_stats(all_stats)
+
+
+def _minibatches(tensors: dict[str, torch.Tensor], n: int, size: int, rng: np.random.Generator,
+                 device: torch.device):
     """One pass in random order; a minibatch that is the whole batch needs no shuffling."""
     if size >= n:
         yield tensors
         return
-    order = torch.from_numpy(rng.permutation(n))
+    order = torch.from_numpy(rng.permutation(n)).to(device)
     for start in range(0, n, size):
         index = order[start:start + size]
         yield {k: v[index] for k, v in tensors.items()}
@@ -175,8 +210,9 @@ class ComputeGradients(Map):
     def __call__(self, batch: SampleBatch) -> Gradients:
         policy = self.workers.policy
         policy.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self.loss_fn(policy, batch.to_torch())
-        loss.backward()
+        with learner_threads(self.workers.learner_num_threads):
+            loss, stats = self.loss_fn(policy, batch_to_device(batch.to_torch(), policy.device))
+            loss.backward()
         grads = [None if p.grad is None else p.grad.detach().clone() for p in policy.model.parameters()]
         return Gradients(grads, _floats(stats), len(batch))
 
@@ -247,7 +283,8 @@ class ApplyGradients(Map):
 class UpdateWeights(Map):
     """After a training step, gives the remote workers the learner's weights under a new
     version number. `wait=False` sends them without waiting (sampling is not blocked). Passes
-    its input on unchanged and reports `weights_version`.
+    its input on unchanged and reports `weights_version`. Multi-agent: only the policies trained
+    since the last update are sent, each with a version of its own (policy/<name>/weights_version).
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -268,18 +305,40 @@ class UpdateWeights(Map):
         ctx.start_actors(self.workers.remote_workers)  # they may have no source in this plan
 
     def __call__(self, item: Any) -> Any:
+        if self.workers.is_multi_agent:
+            self._update_policies()
+            return item
         policy = self.workers.policy
         policy.weights_version += 1
         remote = self.workers.remote_workers
         if remote.num_actors:
             # One copy in the object store for all workers, not one per call.
-            weights = remote.executor.put(policy.get_weights())
+            weights = remote.executor.put(self.workers.local_worker.get_weights())  # with normalize statistics
             if self.wait:
                 remote.foreach("set_weights", weights, policy.weights_version)
             else:
                 remote.foreach_async("set_weights", weights, policy.weights_version)
         self.ctx.info["weights_version"] = policy.weights_version
         return item
+
+    def _update_policies(self) -> None:
+        """Multi-agent: only the policies trained since the last update, each under a new
+        version of its own, reported as policy/<name>/weights_version."""
+        changed = sorted(self.workers.trained_policies)
+        self.workers.trained_policies.clear()
+        policies = self.workers.policies
+        for pid in changed:
+            policies[pid].weights_version += 1
+        remote = self.workers.remote_workers
+        if changed and remote.num_actors:
+            weights = remote.executor.put(self.workers.local_worker.get_weights(changed))
+            versions = {pid: policies[pid].weights_version for pid in changed}
+            if self.wait:
+                remote.foreach("set_weights", weights, versions)
+            else:
+                remote.foreach_async("set_weights", weights, versions)
+        for pid, policy in policies.items():
+            self.ctx.info[f"policy/{pid}/weights_version"] = policy.weights_version
 
 
 class UpdateTargetNetwork(Map):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from flowrl.config import CommonConfig, ConfigError
+from flowrl.device import batch_to_device
 from flowrl.operators import (ConcatBatches, Concurrently, Dequeue, Enqueue, Gather, LearnerQueue,
                               LearningRateSchedule, ParallelRollouts, StandardMetricsReporting, TrainOneStep,
                               UpdateTargetNetwork, UpdateWeights, trajectory_ends)
@@ -79,12 +80,13 @@ class VTraceTargets(Map):
     def __call__(self, batch: SampleBatch) -> SampleBatch:
         policy = self.workers.policy
         with torch.no_grad():
-            tensors = batch.to_torch()
+            columns = batch.to_torch()
+            tensors = batch_to_device({k: columns[k] for k in ("obs", "new_obs", "actions")}, policy.device)
             target_inputs, _ = policy.target_model(tensors["obs"])
             target_dist = policy.dist(target_inputs, model=policy.target_model)
-            target_logp = target_dist.log_prob(tensors["actions"]).numpy()
-            values = policy.model(tensors["obs"])[1].numpy()
-            next_values = policy.model(tensors["new_obs"])[1].numpy()
+            target_logp = target_dist.log_prob(tensors["actions"]).cpu().numpy()
+            values = policy.model(tensors["obs"])[1].cpu().numpy()
+            next_values = policy.model(tensors["new_obs"])[1].cpu().numpy()
         vs, pg_advantages = vtrace(batch["action_logp"], target_logp, batch["rewards"], values, next_values,
                                    batch["terminateds"], trajectory_ends(batch), self.config.gamma,
                                    self.config.vtrace_clip_rho, self.config.vtrace_clip_c)

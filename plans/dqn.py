@@ -84,7 +84,7 @@ def dqn_loss(policy, batch: dict[str, torch.Tensor], config: DQNConfig):
                                      batch["discounts"], batch["terminateds"], batch["weights"])
     stats = {"loss": loss, "mean_q": q_values.detach().max(1).values.mean(), "mean_td_error": td_error.abs().mean()}
     if config.prioritized_replay:
-        stats.update(td_error=td_error.numpy(), batch_indexes=batch["batch_indexes"].numpy())
+        stats.update(td_error=td_error.cpu().numpy(), batch_indexes=batch["batch_indexes"].cpu().numpy())
     return loss, stats
 
 

@@ -11,7 +11,8 @@ without its termination: truncated, or cut where the recording stops; as RLlib d
     L_vf   = 1/2 E[A_t^2]                               (not trained when beta = 0)
     L      = L_pi + c_vf L_vf
 
-`input` names the dataset; `input_fraction` < 1 fills the rest of each batch with fresh
+`input` names the dataset (for a multi-agent recording, `input_policy_id` the policy whose rows
+train this single-agent policy, with that policy's spaces); `input_fraction` < 1 fills the rest of each batch with fresh
 experience sampled by the workers (its R_t bootstrapped from V at fragment ends).
 """
 
@@ -23,7 +24,7 @@ import gymnasium as gym
 import torch
 
 from flowrl.config import CommonConfig, ConfigError
-from flowrl.connectors import Dataset
+from flowrl.connectors import Dataset, open_policy
 from flowrl.connectors.reader import (DatasetInput, EpisodeReturns, check_episode_ids, complete_episodes,
                                      spaces_for)
 from flowrl.operators import (ComputeAdvantages, ConcatBatches, LearningRateSchedule, ParallelRollouts,
@@ -40,6 +41,7 @@ MAX_WEIGHT = 20.0
 @dataclass
 class MARWILConfig(CommonConfig):
     input: str | list | None = None          # dataset: path, directory, glob, URI (s3://...), list, or minari:ID
+    input_policy_id: str | None = None       # a multi-agent recording: the policy whose rows train this one
     input_fraction: float = 1.0              # share of each batch read from input; the rest sampled live
     input_num_epochs: int | None = None      # passes over the dataset; null repeats until a stop condition
     shuffle_buffer_size: int = 50_000        # rows
@@ -146,7 +148,7 @@ def _estimates_off_policy(config: MARWILConfig, dataset: Dataset) -> bool:
 def check_input(config: MARWILConfig, env_spaces: dict[str, gym.Space] | None) -> dict[str, gym.Space]:
     """Opens the dataset and checks its columns and shapes before anything runs (DatasetError
     naming the file and column); returns the spaces to train with."""
-    dataset = Dataset.open(config.input)
+    dataset = open_policy(config.input, config.input_policy_id)
     dataset.check(config.input_columns() + config.returns_columns())
     if config.beta > 0 or _estimates_off_policy(config, dataset):
         check_episode_ids(dataset)   # ids two episodes share, before a run directory exists
@@ -158,7 +160,7 @@ def check_input(config: MARWILConfig, env_spaces: dict[str, gym.Space] | None) -
 
 
 def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
-    dataset = Dataset.open(config.input)
+    dataset = open_policy(config.input, config.input_policy_id)
     state = {"sqd_adv_norm": config.moving_average_sqd_adv_norm_start}
     input_rows = max(1, round(config.train_batch_size * config.input_fraction))
     data = DatasetInput(dataset, config.input_columns(), batch_size=input_rows,

@@ -84,7 +84,8 @@ def sac_loss(policy, batch: dict[str, torch.Tensor], config: SACConfig):
     stats = {"critic_loss": critic_loss, "actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha": alpha,
              "entropy": -logp.detach().mean(), "mean_q": q.detach().mean()}
     if config.prioritized_replay:
-        stats.update(td_error=td_error.detach().abs().mean(0).numpy(), batch_indexes=batch["batch_indexes"].numpy())
+        stats.update(td_error=td_error.detach().abs().mean(0).cpu().numpy(),
+                     batch_indexes=batch["batch_indexes"].cpu().numpy())
     return total_loss, stats
 
 

@@ -20,7 +20,8 @@ from flowrl.plan import Plan
 from flowrl.plans.dqn import huber, q_learning_loss
 from flowrl.progress import progress_line
 from flowrl.policy import register_model
-from flowrl.q_policy import NatureCNN, QNetwork, QPolicy
+from flowrl.policy import NatureCNN
+from flowrl.q_policy import QNetwork, QPolicy
 from flowrl.rollout import WorkerSet
 from flowrl.sample_batch import SampleBatch
 from flowrl.stream import Stream
