@@ -226,7 +226,8 @@ def learning(tmp: Path) -> dict:
 
     source, workers, cfg = make_server(
         DQNConfig, lr=0.0023, model={"hidden": [64, 64], "activation": "relu"}, train_batch_size=64,
-        replay_buffer_capacity=100_000, learning_starts=1000, training_intensity=32, target_network_update_freq=8192,
+        replay_buffer_capacity=100_000, learning_starts=1000, n_step=3, training_intensity=32,
+        target_network_update_freq=8192,
         exploration_schedule=[[0, 0.0]], timesteps_per_iteration=1000)
     plan = build_dqn_plan(workers, cfg)
     t0 = time.perf_counter()

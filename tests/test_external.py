@@ -500,13 +500,14 @@ def test_dqn_learns_from_an_epsilon_greedy_client_that_logs_its_random_actions(t
     logs it (log_action), else it asks the server's greedy policy (get_action). The learned
     greedy policy, evaluated here every 2,000 env steps, averages 475 over 10 episodes within
     40k env steps (test_dqn.py asks 30k of DQN sampling its own env; the clients' interleaving
-    differs from run to run: 2k, 24.6k, 26.6k, 30.7k and 32.8k env steps in five runs)."""
+    differs from run to run: 14.3k, 16.4k, 24.6k, 22.5k, 32.8k and 14.3k env steps in six runs
+    with 3-step returns; with 1-step returns one run in four missed 40k)."""
     from flowrl.rollout import evaluate_policy
 
     source, workers, cfg = make_server(
         DQNConfig, env="CartPole-v1", lr=0.0023, model={"hidden": [64, 64], "activation": "relu"},
-        train_batch_size=64, learning_starts=1000, training_intensity=32, target_network_update_freq=8192,
-        exploration_schedule=[[0, 0.0]], timesteps_per_iteration=1000)
+        train_batch_size=64, learning_starts=1000, n_step=3, training_intensity=32,
+        target_network_update_freq=8192, exploration_schedule=[[0, 0.0]], timesteps_per_iteration=1000)
     plan = build_dqn_plan(workers, cfg)
     evaluations = []
     with plan:
