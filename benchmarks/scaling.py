@@ -1,16 +1,16 @@
 """APPO scaling over rollout workers on a two-node Ray cluster, with an env that waits on I/O.
 
     python benchmarks/scaling.py [--workers 1,2,4,8] [--seconds 10] [--rounds 1] [--num-envs 8]
-                                 [--num-sgd-iter 1]
+                                 [--num-sgd-iter 1] [--sgd-minibatch-size 512]
 
 APPO on CartPole-v1 whose every step sleeps 1 ms (flowrl.testing_envs:SleepyCartPole, standing
 for a slow simulator) on a local cluster of two nodes (flowrl.testing.local_cluster: a head and a
 second raylet, 2 logical CPUs each) with 0.25 CPU per worker, so that 8 workers fit: sampling
 that waits on I/O scales past the core count. Each worker steps 8 envs one after another (256
 rows per sample() call), which spreads the policy's per-step cost over 8 env steps; the learner
-makes one pass over each 512-row batch, as RLlib's APPO does by default (flowrl's APPO default
-is 4: `--num-sgd-iter 4`, where on 2 cores the learner's CPU then limits sampling). For each
-worker count:
+takes one gradient step on each 512-row batch, as RLlib's APPO does by default (flowrl's APPO
+default is 4 passes in minibatches of 128: `--num-sgd-iter 4 --sgd-minibatch-size 128`, where on
+2 cores the learner's CPU then limits sampling). For each worker count:
 
 - env steps/s: env steps sampled per second of wall time, after a warm-up (APPO's learner queue
   pauses sampling when the learner falls behind, so this is also what is trained);
@@ -45,10 +45,11 @@ LEARNER_OPERATORS = ("UpdateTargetNetwork", "VTraceTargets", "LearningRateSchedu
                      "PolicyLag.add_to_stats", "UpdateWeights")
 
 
-def measure(num_workers: int, seconds: float, warmup_s: float, num_envs: int, num_sgd_iter: int) -> dict:
+def measure(num_workers: int, seconds: float, warmup_s: float, num_envs: int, num_sgd_iter: int,
+            sgd_minibatch_size: int) -> dict:
     config = {"num_workers": num_workers, "num_cpus_per_worker": 0.25, "num_envs_per_worker": num_envs,
               "rollout_fragment_length": max(1, 256 // num_envs), "train_batch_size": 512,
-              "num_sgd_iter": num_sgd_iter, "seed": 0}
+              "num_sgd_iter": num_sgd_iter, "sgd_minibatch_size": sgd_minibatch_size, "seed": 0}
     with flowrl.build("APPO", env=ENV, config=config, executor="ray") as algo:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < warmup_s:  # actors started, every worker's first batches in
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="repeats; each worker count keeps its best rate")
     parser.add_argument("--num-envs", type=int, default=8, help="envs per worker")
     parser.add_argument("--num-sgd-iter", type=int, default=1, help="APPO's passes over each batch")
+    parser.add_argument("--sgd-minibatch-size", type=int, default=512, help="rows per gradient step")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
 
@@ -109,11 +111,12 @@ def main() -> None:
         join_cluster(cluster.address, 30, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         for _ in range(args.rounds):
             for n in counts:  # interleaved rounds: the machine is shared and noisy
-                row = measure(n, args.seconds, args.warmup, args.num_envs, args.num_sgd_iter)
+                row = measure(n, args.seconds, args.warmup, args.num_envs, args.num_sgd_iter, args.sgd_minibatch_size)
                 if n not in best or row["steps_per_s"] > best[n]["steps_per_s"]:
                     best[n] = row
     base = best[counts[0]]["steps_per_s"]
     print(f"APPO, {ENV} (each step sleeps 1 ms), {args.num_envs} envs per worker, num_sgd_iter {args.num_sgd_iter}, "
+          f"sgd_minibatch_size {args.sgd_minibatch_size}, "
           f"0.25 CPU per worker, two-node local cluster (2 logical CPUs each) on {os.cpu_count()} cores; "
           f"{args.seconds:g} s per count; load average {load:.1f} at start")
     print(f"{'workers':>7} {'env steps/s':>12} {'speedup':>8} {'learner busy':>13} {'mean lag':>9} {'max lag':>8}"

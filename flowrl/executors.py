@@ -596,6 +596,7 @@ class ActorSet:
         self.on_start: list[Callable[[], None]] = []
         self._executor: Executor | None = None
         self._handles: list[Any] = []
+        self._latest: dict[str, dict[int, Any]] = {}  # foreach_latest: method -> actor index -> call in flight
         init = getattr(cls, "__init__", None)
         try:
             self._pass_index = init is not None and "actor_index" in inspect.signature(init).parameters
@@ -663,6 +664,7 @@ class ActorSet:
             self._executor.release(self.num_actors, self.num_cpus_per_actor)
             self._reserved = False
         self._handles = []
+        self._latest = {}
         self._executor = None
 
     def __len__(self) -> int:
@@ -695,6 +697,24 @@ class ActorSet:
         for i in range(self.num_actors):
             self.submit(i, method, *args, **kwargs)
 
+    def foreach_latest(self, method: str, *args: Any, **kwargs: Any) -> int:
+        """Like foreach_async, for pushes of which only the latest counts (weights): an actor
+        whose previous `method` call has not run yet (it is busy sampling) is skipped, and gets a
+        later push, instead of working through a queue of pushes each replacing the last.
+        Returns how many actors were called."""
+        if not self.executor.concurrent:
+            self.foreach(method, *args, **kwargs)
+            return self.num_actors
+        in_flight = self._latest.setdefault(method, {})
+        called = 0
+        for i in range(self.num_actors):
+            ref = in_flight.get(i)
+            if ref is not None and not self.executor.wait([ref], 0):
+                continue
+            in_flight[i] = self.submit(i, method, *args, **kwargs)
+            called += 1
+        return called
+
     def replace(self, index: int, error: ActorDiedError | None = None) -> None:
         """A new actor in place of actor `index`, which died (or failed: `error` says which)."""
         fault = error.fault if isinstance(error, ActorFailedError) else None
@@ -710,6 +730,8 @@ class ActorSet:
         except Exception:
             pass
         self.num_restarts += 1
+        for in_flight in self._latest.values():
+            in_flight.pop(index, None)
         self._handles[index] = self._create(index)
         self._wait_ready([index])
         for callback in self.on_replace:

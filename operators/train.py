@@ -282,7 +282,9 @@ class ApplyGradients(Map):
 
 class UpdateWeights(Map):
     """After a training step, gives the remote workers the learner's weights under a new
-    version number. `wait=False` sends them without waiting (sampling is not blocked). Passes
+    version number. `wait=False` sends them without waiting (sampling is not blocked), and not
+    to a worker that has yet to take the last ones it was sent (it is busy sampling): it gets a
+    later version instead of a queue of versions each replacing the last. Passes
     its input on unchanged and reports `weights_version`. Multi-agent: only the policies trained
     since the last update are sent, each with a version of its own (policy/<name>/weights_version).
 
@@ -317,7 +319,7 @@ class UpdateWeights(Map):
             if self.wait:
                 remote.foreach("set_weights", weights, policy.weights_version)
             else:
-                remote.foreach_async("set_weights", weights, policy.weights_version)
+                remote.foreach_latest("set_weights", weights, policy.weights_version)
         self.ctx.info["weights_version"] = policy.weights_version
         return item
 

@@ -271,6 +271,19 @@ def test_restart_limit_stops_the_plan_with_a_clear_error(executor):
     assert_released(executor)
 
 
+def test_foreach_latest_skips_an_actor_still_busy_with_the_previous_push(executor):
+    """Weights pushes (UpdateWeights(wait=False)): a busy actor gets the latest push, not a queue."""
+    actors = ActorSet(CountingSource, num_actors=1, kwargs={"delay_s": 0.5}, **FAST)
+    with Plan(gather_sync(actors, "produced"), executor=executor) as plan:
+        assert plan.step()["output"] == [0]  # the actors start with the plan
+        assert actors.foreach_latest("next") == 1
+        if executor.concurrent:  # the first push is still running: the second one is not sent
+            assert actors.foreach_latest("next") == 0
+            assert wait_until(lambda: actors.foreach("produced") == [1], 5)
+        assert actors.foreach_latest("next") == 1
+        assert actors.foreach("produced") == [2]
+
+
 def test_actor_process_crash_is_replaced(ray_session):
     actors = ActorSet(CountingSource, num_actors=2, kwargs={"exit_at": 3}, max_restarts=10, **FAST)
     with Plan(from_actors(actors, "next", max_in_flight=1), executor=make_executor("ray")) as plan:
