@@ -27,22 +27,25 @@ def against_snapshots(num_snapshots: int, agent_id: str, episode_id: int) -> str
 
 class SnapshotOpponent(Map):
     """Every `every` training steps: a frozen copy of "main" joins the policies, and the
-    opponent is drawn from the copies. Reports `num_snapshots`."""
+    opponent is drawn from the copies. Reports `num_snapshots`. Its count is a plan counter, so
+    a resumed run (whose checkpoint makes the snapshots again) maps the opponent as before."""
 
     def __init__(self, workers: WorkerSet, every: int):
         self.workers, self.every = workers, every
-        self.steps = self.snapshots = 0
+        self.mapped = 0  # snapshots the mapping draws from
 
     def setup(self, ctx: PlanContext) -> None:
-        self.ctx = ctx
+        self.counters = ctx.counters
 
     def __call__(self, stats: dict) -> dict:
-        self.steps += 1
-        if self.steps % self.every == 0:
-            self.snapshots += 1
-            self.workers.add_policy(f"main_v{self.snapshots}", like="main")
-            self.workers.set_policy_mapping(functools.partial(against_snapshots, self.snapshots))
-        self.ctx.info["num_snapshots"] = self.snapshots
+        counters = self.counters
+        counters["self_play_steps"] += 1
+        if counters["self_play_steps"] % self.every == 0:
+            counters["num_snapshots"] += 1
+            self.workers.add_policy(f"main_v{counters['num_snapshots']}", like="main")
+        if self.mapped != counters["num_snapshots"]:
+            self.mapped = counters["num_snapshots"]
+            self.workers.set_policy_mapping(functools.partial(against_snapshots, self.mapped))
         return stats
 
 

@@ -69,7 +69,17 @@ def learner_state(workers) -> tuple[dict[str, Any], dict[str, Any]]:
     stems = dict.fromkeys(stem for state in per_policy.values() for stem in state)
     tensors = {stem: {pid: state[stem] for pid, state in per_policy.items() if stem in state} for stem in stems}
     versions = {pid: p.weights_version for pid, p in workers.policies.items()}
-    return tensors, {"weights_version": max(versions.values()), "policy_weights_versions": versions}
+    return tensors, {"weights_version": max(versions.values()), "policy_weights_versions": versions,
+                     "added_policies": workers.added_policies()}
+
+
+def added_policies(progress: dict[str, Any], path: Path) -> dict[str, str]:
+    """{policy id: the policy it copies} of the policies a multi-agent plan added while it ran
+    (self-play snapshots), from a checkpoint's progress.json at `path`."""
+    added = progress.get("added_policies") or {}
+    if not (isinstance(added, dict) and all(isinstance(v, str) for v in added.values())):
+        raise ExperimentError(f"{path}: added_policies is not a mapping of policy ids")
+    return added
 
 
 def load_learner_state(state: "CheckpointState", workers) -> None:
@@ -79,6 +89,12 @@ def load_learner_state(state: "CheckpointState", workers) -> None:
         load_policy_state(state, workers.policy)
         return
     versions = state.progress.get("policy_weights_versions") or {}
+    for pid, like in added_policies(state.progress, state.path / "progress.json").items():  # policies a plan added while it ran (self-play snapshots)
+        if pid not in workers.policies:
+            if like not in workers.policies:
+                raise ExperimentError(f"{state.path}: added policy {pid!r} is a copy of {like!r}, which this "
+                                      "plan has no policy of")
+            workers.add_policy(pid, like)  # its weights are the checkpoint's, loaded below
     for pid, policy in workers.policies.items():
         if pid not in state.tensors["model"] or pid not in versions:
             raise ExperimentError(f"{state.path}: holds no policy {pid!r} (it has {', '.join(state.tensors['model'])})")

@@ -470,6 +470,11 @@ class WorkerSet:
         self.local_worker.add_policy(policy_id, like, weights)
         self._change_policies("add_policy", (policy_id, like, weights))
 
+    def added_policies(self) -> dict[str, str]:
+        """{policy id: the policy it was copied from} of the policies add_policy made (saved in
+        checkpoints, which make them again on restore)."""
+        return {args[0]: args[1] for method, args in self._policy_changes if method == "add_policy"}
+
     def set_policy_mapping(self, mapping: Callable[[str, int], str]) -> None:
         """Multi-agent: `mapping(agent_id, episode_id)` on every worker, for episodes that start
         from now on (a module-level function, or one Ray can pickle)."""

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from flowrl.checkpoints import _load_tensors, is_checkpoint_dir, load_normalizer, newest_readable
+from flowrl.checkpoints import _load_tensors, added_policies, is_checkpoint_dir, load_normalizer, newest_readable
 from flowrl.env_pipeline import EnvPipeline, TrainingTransform, frozen_observations
 from flowrl.normalize import Normalizer
 from flowrl.planfile import ExperimentError, FlowrlWarning
@@ -189,9 +189,13 @@ def _load_team_policy(checkpoint: Path, state: dict[str, Any], env: str, plan_na
     from flowrl.multi_agent_rollout import MultiAgentRolloutWorker
 
     policy_class, options = run_policy_spec(checkpoint.parent.parent, plan_name, config)
-    team = MultiAgentRolloutWorker(env, config["multiagent"], env_config=config.get("env_config") or {},
-                                   model=config.get("model"), seed=0, sample=False, num_threads=None,
-                                   policy=policy_class, policy_config=options).policies
+    worker = MultiAgentRolloutWorker(env, config["multiagent"], env_config=config.get("env_config") or {},
+                                     model=config.get("model"), seed=0, sample=False, num_threads=None,
+                                     policy=policy_class, policy_config=options)
+    for pid, like in _added_policies(checkpoint).items():  # self-play snapshots: copies, weights below
+        if like in worker.policies:
+            worker.add_policy(pid, like)
+    team = worker.policies
     if policy_id is None or policy_id not in team:
         given = "give one" if policy_id is None else f"it has no policy {policy_id!r}"
         raise ExperimentError(f"{checkpoint}: a multi-agent run of policies {', '.join(team)}; {given} "
@@ -204,6 +208,16 @@ def _load_team_policy(checkpoint: Path, state: dict[str, Any], env: str, plan_na
                                   f"({str(e).splitlines()[0]})") from None
     return TrainedPolicy(team[policy_id], env, config.get("env_config") or {}, checkpoint, team=team,
                          policy_id=policy_id, multiagent=config["multiagent"])
+
+
+def _added_policies(checkpoint: Path) -> dict[str, str]:
+    """{policy id: the policy it copies} of the policies the run's plan added (progress.json)."""
+    path = checkpoint / "progress.json"
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return added_policies(progress if isinstance(progress, dict) else {}, path)
 
 
 def _run_pipeline(run_dir: Path, config: dict[str, Any]) -> EnvPipeline:

@@ -127,7 +127,7 @@ def test_agents_and_policies_that_do_not_meet_are_errors(section, message):
 
 
 @pytest.mark.parametrize("run, config, message", [
-    ("DQN", {}, "config.multiagent: DQN does not run multi-agent yet"),
+    ("SAC", {}, "config.multiagent: SAC does not run multi-agent yet"),
     ("PPO", {"env_wrappers": ["normalize"]}, "config.env_wrappers: is not supported with multiagent yet"),
     ("PPO", {"kl_target": 0.01}, "config.kl_target: is not supported with multiagent yet"),
     ("A2C", {"microbatch_size": 16}, "config.microbatch_size: is not supported with multiagent yet"),
@@ -451,3 +451,33 @@ def test_self_play_adds_frozen_snapshots_while_the_plan_runs(num_workers):
     # After the first snapshot player_1 plays snapshots: their agents' returns are reported.
     assert result["policy/main_v1/episode_return_mean"] is not None and "policy/main_v1/vf_loss" not in result
     assert all(sorted(r) == sorted(policies) for r in remote)
+
+
+def test_a_resumed_self_play_run_has_its_snapshots_and_their_mapping_again(tmp_path):
+    """The policies a plan added (frozen snapshots) are in the checkpoint with the policy each
+    copies; flowrl.restore makes them again with their saved weights, and the plan's snapshot
+    count (a counter) maps the opponent to them as before the save."""
+    pytest.importorskip("pettingzoo")
+    from examples.self_play_rps import build_self_play_plan
+
+    config = {"multiagent": {"policies": ["main"], "policy_mapping": {"player_*": "main"}},
+              "num_envs_per_worker": 2, "rollout_fragment_length": 32, "train_batch_size": 64,
+              "sgd_minibatch_size": 64, "num_sgd_iter": 1, "seed": 0}
+    plan = functools.partial(build_self_play_plan, snapshot_every=1)
+    plan.config_class = build_self_play_plan.config_class
+    with flowrl.build(plan, env="pettingzoo.classic.rps_v2:parallel_env", config=config) as algo:
+        for _ in range(2):
+            algo.train()
+        saved = {pid: p.get_weights() for pid, p in algo.workers.policies.items()}
+        algo.save(tmp_path / "ckpt")
+    with flowrl.restore(tmp_path / "ckpt", plan=plan) as algo:
+        policies = algo.workers.policies
+        assert sorted(policies) == ["main", "main_v1", "main_v2"]
+        for pid, weights in saved.items():
+            assert all((policies[pid].get_weights()[k] == v).all() for k, v in weights.items()), pid
+        result = algo.train()
+    assert result["num_snapshots"] == 3 and sorted(algo.workers.policies) == ["main", "main_v1", "main_v2", "main_v3"]
+    # Episodes after the resume map player_1 to the snapshots again, not to "main".
+    assert result["policy/main_v1/episode_return_mean"] is not None
+    snapshot = flowrl.load_policy(tmp_path / "ckpt", policy="main_v2")
+    assert all((snapshot.policy.get_weights()[k] == v).all() for k, v in saved["main_v2"].items())
