@@ -116,8 +116,9 @@ class CommonConfig:
         if not self.actor_start_timeout_s > 0:
             raise ConfigError("actor_start_timeout_s", f"must be > 0, got {self.actor_start_timeout_s}")
         check_schedule("lr_schedule", self.lr_schedule)
-        from flowrl.env_pipeline import EnvPipeline
+        from flowrl.env_pipeline import EnvPipeline, with_plan_gamma
 
+        self.env_wrappers = with_plan_gamma(self.env_wrappers, self.gamma)
         EnvPipeline.parse(self.env_wrappers)
         if self.env_wrappers and self.input == "external":
             raise ConfigError("env_wrappers", "must be empty with input: external (clients step their own envs)")

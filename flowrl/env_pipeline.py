@@ -40,6 +40,25 @@ _PRESET_OPTIONS = {"atari": {"noop_max": 30, "terminal_on_life_loss": False, "fr
                    "normalize": {"gamma": 0.99}}  # the discount of the return that scales rewards
 
 
+def with_plan_gamma(items: list | None, gamma: float) -> list:
+    """`env_wrappers` with the normalize preset's `gamma` set to the plan's where it gives none
+    (as RL-Zoo gives VecNormalize the algorithm's gamma): rewards are scaled by the spread of the
+    return the agent discounts. Items that are not well formed are left for `EnvPipeline.parse`.
+
+    >>> with_plan_gamma(["normalize"], 0.9), with_plan_gamma([{"normalize": {"gamma": 0.5}}], 0.9)
+    ([{'normalize': {'gamma': 0.9}}], [{'normalize': {'gamma': 0.5}}])
+    """
+    out = []
+    for item in items or []:
+        if item == "normalize":
+            item = {"normalize": None}
+        if isinstance(item, dict) and len(item) == 1 and isinstance(item.get("normalize", ()), (dict, type(None))) \
+                and "gamma" not in (item["normalize"] or {}):
+            item = {"normalize": {**(item["normalize"] or {}), "gamma": float(gamma)}}
+        out.append(item)
+    return out
+
+
 def load_wrapper_class(path: str, key: str) -> type:
     """The class "pkg.mod:Class" or "pkg.mod.Class" names; ConfigError naming `key` if none."""
     module_name, sep, name = path.partition(":")

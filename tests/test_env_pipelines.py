@@ -231,6 +231,15 @@ def test_the_driver_merges_every_workers_statistics_and_sends_them_with_the_weig
         assert local.normalizer.pop_delta()["obs"][0] == 0  # nothing held back
 
 
+@pytest.mark.parametrize("wrappers, expected", [(["normalize"], 0.9), ([{"normalize": {"gamma": 0.5}}], 0.5)])
+def test_the_normalize_preset_scales_rewards_with_the_plans_gamma_unless_it_gives_one(wrappers, expected):
+    config = {"gamma": 0.9, "train_batch_size": 64, "sgd_minibatch_size": 64, "num_envs_per_worker": 2,
+              "rollout_fragment_length": 32,
+              "env_wrappers": wrappers}
+    with flowrl.build("PPO", env="CartPole-v1", config=config) as algo:
+        assert algo.workers.local_worker.normalizer.gamma == expected
+
+
 def test_remote_workers_statistics_merge_in_the_driver_and_come_back_with_the_weights(ray_session):
     config = {"train_batch_size": 64, "sgd_minibatch_size": 32, "num_sgd_iter": 1, "num_envs_per_worker": 2,
               "rollout_fragment_length": 16, "seed": 0, "num_workers": 2, "env_wrappers": ["normalize"]}
