@@ -36,7 +36,7 @@ from flowrl.config import ConfigError, _check_type, suggest
 from flowrl.normalize import Normalizer
 
 PRESETS = ("atari", "normalize")
-_PRESET_OPTIONS = {"atari": {"noop_max": 30, "terminal_on_life_loss": False, "frame_stack": 4},
+_PRESET_OPTIONS = {"atari": {"noop_max": 30, "terminal_on_life_loss": False, "frame_stack": 4, "fire_reset": True},
                    "normalize": {"gamma": 0.99}}  # the discount of the return that scales rewards
 
 
@@ -168,11 +168,12 @@ class EnvPipeline:
 
 
 def atari_preprocessing(env: gym.Env, noop_max: int = 30, terminal_on_life_loss: bool = False,
-                        frame_stack: int = 4) -> gym.Env:
+                        frame_stack: int = 4, fire_reset: bool = True) -> gym.Env:
     """gymnasium's AtariPreprocessing (84x84 grayscale, uint8) and `frame_stack` frames. The
     frames are skipped by the ALE v5 env (frameskip 4); made with frameskip 1, the wrapper skips
     4 and max-pools the last two, as in DQN. Note that gymnasium's terminal_on_life_loss resets
-    the whole game at each lost life, and episodes are then lives."""
+    the whole game at each lost life, and episodes are then lives. With `fire_reset`, games
+    that wait for FIRE to start (Breakout) get it at each reset (FireReset)."""
     try:
         import cv2  # noqa: F401  (AtariPreprocessing resizes with it)
         from ale_py.env import AtariEnv
@@ -187,7 +188,29 @@ def atari_preprocessing(env: gym.Env, noop_max: int = 30, terminal_on_life_loss:
     env = gym.wrappers.AtariPreprocessing(env, noop_max=noop_max, frame_skip=4 if frameskip == 1 else 1,
                                           screen_size=84, terminal_on_life_loss=terminal_on_life_loss,
                                           grayscale_obs=True, scale_obs=False)
+    if fire_reset and "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireReset(env)
     return FrameStack(env, frame_stack)
+
+
+class FireReset(gym.Wrapper):
+    """Presses FIRE, then the action after it, at each reset, as the DQN-era Atari wrappers do
+    (SB3's FireResetEnv): games such as Breakout wait for FIRE before the ball comes, and an agent
+    that has not learnt to press it sees nothing happen. The two steps' rewards are not counted."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        meanings = env.unwrapped.get_action_meanings()
+        self.fire = meanings.index("FIRE")
+        self.after = 2 if len(meanings) >= 3 else 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        for action in (self.fire, self.after):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                obs, info = self.env.reset(options=options)
+        return obs, info
 
 
 class FrameStack(gym.ObservationWrapper):

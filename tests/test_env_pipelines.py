@@ -159,10 +159,61 @@ def test_atari_preset_gives_uint8_stacks_and_clipped_training_rewards_with_raw_e
     assert episode_return > batch["rewards"].sum()  # invaders are worth 5 to 30 points: clipping showed
     # Frame skip from the v5 env (4 frames a step), not again in the wrapper; the stack's last frame
     # is the newest, and the first three are the previous observation's last three.
-    assert env.unwrapped._frameskip == 4 and env.env.env.frame_skip == 1
+    assert env.unwrapped._frameskip == 4 and env.get_wrapper_attr("frame_skip") == 1
     assert np.array_equal(batch["obs"][1][..., :3], batch["obs"][0][..., 1:])
     # An env made with frameskip 1 is skipped (and max-pooled) by the wrapper instead.
-    assert make_env("ALE/SpaceInvaders-v5", {"frameskip": 1}, EnvPipeline.parse(["atari"])).env.frame_skip == 4
+    env = make_env("ALE/SpaceInvaders-v5", {"frameskip": 1}, EnvPipeline.parse(["atari"]))
+    assert env.get_wrapper_attr("frame_skip") == 4
+
+
+class _FireGame(gym.Env):
+    """Records the actions it is given; a game whose actions include FIRE."""
+
+    observation_space = gym.spaces.Box(0, 255, (2,), np.uint8)
+    action_space = gym.spaces.Discrete(4)
+
+    def __init__(self, end_at: int | None = None):
+        self.actions, self.end_at = [], end_at
+
+    def get_action_meanings(self):
+        return ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+    def reset(self, *, seed=None, options=None):
+        self.actions.append("reset")
+        return np.zeros(2, np.uint8), {}
+
+    def step(self, action):
+        self.actions.append(int(action))
+        return np.zeros(2, np.uint8), 1.0, len(self.actions) == self.end_at, False, {}
+
+
+def test_fire_reset_presses_fire_and_the_next_action_at_each_reset():
+    from flowrl.env_pipeline import FireReset
+
+    game = _FireGame()
+    env = FireReset(game)
+    env.reset(seed=0)
+    env.step(3)
+    assert game.actions == ["reset", 1, 2, 3]
+    game = _FireGame(end_at=2)  # the game ends on the first FIRE: reset again
+    FireReset(game).reset()
+    assert game.actions == ["reset", 1, "reset", 2]
+
+
+def test_the_atari_preset_fires_at_reset_only_in_games_that_have_fire():
+    pytest.importorskip("ale_py")
+    pytest.importorskip("cv2")
+    from flowrl.env_pipeline import FireReset
+
+    def wrappers(env):
+        while isinstance(env, gym.Wrapper):
+            yield type(env)
+            env = env.env
+
+    assert FireReset in wrappers(make_env("ALE/Breakout-v5", None, EnvPipeline.parse(["atari"])))
+    assert FireReset not in wrappers(make_env("ALE/Freeway-v5", None, EnvPipeline.parse(["atari"])))
+    off = EnvPipeline.parse([{"atari": {"fire_reset": False}}])
+    assert FireReset not in wrappers(make_env("ALE/Breakout-v5", None, off))
 
 
 def test_the_atari_preset_without_opencv_says_which_extra_to_install(monkeypatch):
