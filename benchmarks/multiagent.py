@@ -10,8 +10,11 @@ throughput: poles stepped per second in one process, each pole a CartPole-v1 cop
   single-agent worker on CartPole-v1 with 4 x K sub-envs through gymnasium's SyncVectorEnv of
   separate CartPole-v1 envs (vectorization "sync"): the like-for-like baseline, the same
   simulator per pole; (c) the same with gymnasium's numpy-vectorized CartPole (vectorization
-  "auto"), for reference. Goal: (a) / (b) >= 0.8. The workers take turns (--rounds), so that load
-  from elsewhere on the machine falls on all alike.
+  "auto"), for reference; (d) for the independent mapping's four policies, four single-agent
+  workers on CartPole-v1, each with K sub-envs (sync) and a policy of its own, sampled one after
+  another: "4x single-agent sampling in one process" with four policies, like for like. Goal:
+  (a) / (b) >= 0.8. The workers take turns (--rounds), so that load from elsewhere on the
+  machine falls on all alike.
 cartpole: PPO, every policy's episode_return_mean >= 475 within 400k env steps, per seed
   (independent: four policies; shared: one; --ray: 2 Ray rollout workers).
 spread: mpe2 simple_spread_v3 (N=3) with a shared PPO policy: the team return per 100k env
@@ -33,24 +36,29 @@ CARTPOLE = "flowrl.testing_envs:multi_agent_cartpole"
 SPREAD = "mpe2.simple_spread_v3:parallel_env"
 
 
-def sampling_rates(seconds: float, rounds: int, workers: dict[str, dict]) -> dict[str, float]:
-    """Rows sampled per second by each of `workers` (name -> WorkerSet options; agent steps for
-    a multi-agent one), each a local worker in this process. The workers take turns, `rounds`
-    turns of seconds / rounds each, so that a burst of load from elsewhere on the machine falls
-    on all of them alike; each one's figure is the median of its turns."""
-    made = {name: WorkerSet(seed=0, **options).local_worker for name, options in workers.items()}
-    for worker in made.values():
-        worker.sample()  # warm up
+def sampling_rates(seconds: float, rounds: int, workers: dict[str, list[dict]]) -> dict[str, float]:
+    """Rows sampled per second by each of `workers` (name -> the WorkerSet options of one or
+    more local workers in this process, sampled one after another; agent steps for a
+    multi-agent one). The entries take turns, `rounds` turns of seconds / rounds each, so that
+    a burst of load from elsewhere on the machine falls on all of them alike; each one's figure
+    is the median of its turns."""
+    made = {name: [WorkerSet(**{"seed": 0, **options}).local_worker for options in group]
+            for name, group in workers.items()}
+    for group in made.values():
+        for worker in group:
+            worker.sample()  # warm up
     rates: dict[str, list[float]] = {name: [] for name in made}
     for _ in range(rounds):
-        for name, worker in made.items():
+        for name, group in made.items():
             rows, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds / rounds:
-                batch = worker.sample()
-                rows += batch.agent_steps if hasattr(batch, "agent_steps") else len(batch)
+                for worker in group:
+                    batch = worker.sample()
+                    rows += batch.agent_steps if hasattr(batch, "agent_steps") else len(batch)
             rates[name].append(rows / (time.perf_counter() - t0))
-    for worker in made.values():
-        worker.close()
+    for group in made.values():
+        for worker in group:
+            worker.close()
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
@@ -62,17 +70,20 @@ def throughput(args) -> None:
              "rollout_fragment_length": fragment}
     single = {"env": "CartPole-v1", "num_envs_per_worker": 4 * k, "rollout_fragment_length": fragment}
     rate = sampling_rates(args.seconds, args.rounds, {
-        "shared": {**multi, "multiagent": {"policy_mapping": "shared"}},
-        "independent": {**multi, "multiagent": {"policy_mapping": "independent"}},
-        "sync": {**single, "vectorization": "sync"},
-        "auto": {**single, "vectorization": "auto"}})
+        "shared": [{**multi, "multiagent": {"policy_mapping": "shared"}}],
+        "independent": [{**multi, "multiagent": {"policy_mapping": "independent"}}],
+        "sync": [{**single, "vectorization": "sync"}],
+        "auto": [{**single, "vectorization": "auto"}],
+        "four": [{**single, "num_envs_per_worker": k, "vectorization": "sync", "seed": seed} for seed in range(4)]})
     print(f"{4 * k} poles per worker, rollout_fragment_length {fragment}, {args.seconds:g} s per worker "
           f"in {args.rounds} turns (median)")
     print(f"(b) single-agent, {4 * k} CartPole-v1 sub-envs (sync):        {rate['sync']:9,.0f} env steps/s")
     print(f"(c) single-agent, {4 * k} sub-envs, numpy-vectorized (auto):  {rate['auto']:9,.0f} env steps/s")
+    print(f"(d) 4 single-agent workers in turn, {k} sub-envs (sync) each:  {rate['four']:9,.0f} env steps/s")
     for mapping in ("shared", "independent"):
         print(f"(a) multi-agent, 4 agents x {k} copies, {mapping:11s}:     {rate[mapping]:9,.0f} agent steps/s   "
-              f"(a)/(b) {rate[mapping] / rate['sync']:.2f} (goal >= 0.8)   (a)/(c) {rate[mapping] / rate['auto']:.2f}")
+              f"(a)/(b) {rate[mapping] / rate['sync']:.2f} (goal >= 0.8)   (a)/(c) {rate[mapping] / rate['auto']:.2f}"
+              + (f"   (a)/(d) {rate[mapping] / rate['four']:.2f}" if mapping == "independent" else ""))
 
 
 def cartpole(args) -> None:

@@ -3,15 +3,18 @@
 A plan file's `config.multiagent` section:
 
     multiagent:
-      policies: [pursuer, evader]        # or {name: {model: ..., lr: ...}}: per-policy settings
+      policies: [pursuer, evader]        # or {name: {model: ..., lr: ..., plan: ...}}: per-policy settings
       policy_mapping: {"pursuer_*": pursuer, "evader_*": evader}
       policies_to_train: [pursuer]       # default: every policy
 
 `policy_mapping` is a dict of glob -> policy (the first glob that matches, in order), "shared"
 (every agent one policy, `shared` unless `policies` names another), "independent" (each agent
 its own policy, named after the agent id) or "package.module:function" (called with the agent id
-and the episode id). What can be checked without the env is checked by `parse_multiagent`; what
-needs the env's agents by `MultiAgentSpec.resolve`. Each error is one line naming the key.
+and the episode id). A policy's `plan` (PPO, DQN, ...) picks its policy class, the one that
+plan's workers build (`policy_class_of`); a plan that trains several kinds of policy finds each
+branch's policies with `policies_of_plan`. What can be checked without the env is checked by
+`parse_multiagent`; what needs the env's agents by `MultiAgentSpec.resolve`. Each error is one
+line naming the key.
 
 >>> spec = parse_multiagent({"policies": ["a", "b"], "policy_mapping": {"red_*": "a", "blue_*": "b"}})
 >>> setup = spec.resolve(["red_0", "blue_0"])
@@ -33,10 +36,10 @@ from typing import Any
 from flowrl.config import ConfigError, suggest
 
 KEY = "multiagent"
-POLICY_SETTINGS = ("model", "lr")  # what a policy may set for itself
+POLICY_SETTINGS = ("model", "lr", "plan")  # what a policy may set for itself
 SHARED_POLICY = "shared"
-# Built-in plans whose operators are not multi-agent yet (target networks, replay, offline data).
-SINGLE_AGENT_PLANS = ("APPO", "DQN", "SAC", "BC", "MARWIL")
+# Built-in plans whose operators are not multi-agent yet (APPO's learner queue and batch replay, offline data).
+SINGLE_AGENT_PLANS = ("APPO", "BC", "MARWIL")
 # Plan settings whose operators read one policy's statistics or gradients (A2C's microbatches, PPO's adaptive KL).
 SINGLE_AGENT_KEYS = ("microbatch_size", "kl_target")
 
@@ -95,6 +98,22 @@ class MultiAgentSpec:
             if name not in policies:
                 raise ConfigError(f"config.{KEY}.policies_to_train", f"{name!r} is not a policy" + suggest(name, ids))
         return MultiAgentSetup(ids, {p: dict(policies[p]) for p in ids}, fn, list(to_train))
+
+
+def policy_spaces(env: Any, setup: MultiAgentSetup) -> dict[str, dict[str, Any]]:
+    """{policy id: obs/new_obs/actions spaces}: those of the first of the env's agents mapped to
+    each policy (the rollout worker builds the policy from them); a policy no agent maps to at
+    the start (a mapping function's) gets the first agent's."""
+    agents = list(env.possible_agents)
+    first = {}
+    for agent in agents:
+        first.setdefault(setup.mapping(agent, 0), agent)
+    out = {}
+    for pid in setup.policy_ids:
+        agent = first.get(pid, agents[0])
+        obs = env.observation_space(agent)
+        out[pid] = {"obs": obs, "new_obs": obs, "actions": env.action_space(agent)}
+    return out
 
 
 def _identity(agent_id: str, episode_id: int) -> str:
@@ -206,4 +225,49 @@ def _parse_policies(policies: Any) -> dict[str, dict[str, Any]] | None:
         if "model" in settings and not isinstance(settings["model"], dict):
             raise ConfigError(f"{key}.{name}.model", f"expected a mapping, got {settings['model']!r}")
         out[str(name)] = dict(settings)
+        if "plan" in settings:
+            out[str(name)]["plan"] = _plan_name(settings["plan"], f"{key}.{name}.plan")
     return out
+
+
+def _plan_name(plan: Any, key: str) -> str:
+    """A policy's `plan` as the plan registry spells it ("dqn" -> "DQN")."""
+    from flowrl.plans import resolve_plan  # the plans sit above the core: imported when used
+
+    if not isinstance(plan, str):
+        raise ConfigError(key, f"expected a plan name such as PPO or DQN, got {plan!r}")
+    try:
+        return resolve_plan(plan).name
+    except ValueError as e:
+        raise ConfigError(key, str(e).splitlines()[0]) from None
+
+
+def policy_class_of(settings: dict[str, Any], policy: str, policy_config: dict[str, Any] | None
+                    ) -> tuple[str, dict[str, Any]]:
+    """The policy class (a name in flowrl.policy.POLICY_CLASSES) and options a policy with these
+    settings is built with. Without `plan`: the run's (`policy`, `policy_config`). With one: the
+    class that plan's workers build (PPO: TorchPolicy, DQN: QPolicy), with the run's options when
+    the run builds that class too, else with that plan's defaults."""
+    if "plan" not in settings:
+        return policy, dict(policy_config or {})
+    from flowrl.plans import resolve_plan
+
+    cls, options = resolve_plan(settings["plan"]).config_class().policy_spec()
+    return (cls, dict(policy_config or {})) if cls == policy else (cls, options)
+
+
+def policies_of_plan(multiagent: dict[str, Any], plan: str) -> list[str]:
+    """The policies of `config.multiagent` whose `plan` setting is `plan` (any case), in order."""
+    policies = parse_multiagent(multiagent).policies or {}
+    return [name for name, settings in policies.items() if settings.get("plan", "").lower() == plan.lower()]
+
+
+def check_policy_plans(setup: MultiAgentSetup, plan: str) -> None:
+    """A built-in plan trains every policy with its own loss: a policy to train whose `plan` is
+    another is an error (a custom plan combines plans, as examples/ppo_dqn_multiagent.py does)."""
+    for pid in setup.policies_to_train:
+        other = setup.settings[pid].get("plan", plan)
+        if other != plan:
+            raise ConfigError(f"config.{KEY}.policies.{pid}.plan",
+                              f"{other}, but run: {plan} trains every policy to train with {plan}'s loss; "
+                              "combine plans in a plan of your own (examples/ppo_dqn_multiagent.py)")

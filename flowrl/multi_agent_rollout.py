@@ -18,7 +18,8 @@ trajectory (episode, agent, t); `agent_id` is the agent's index in the env's pos
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -28,9 +29,10 @@ from threadpoolctl import threadpool_limits
 
 from flowrl.config import ConfigError
 from flowrl.envs import EnvFaultError, describe_error
-from flowrl.multi_agent import MultiAgentSetup, checked_mapping, parse_multiagent
+from flowrl.multi_agent import MultiAgentSetup, checked_mapping, parse_multiagent, policy_class_of
 from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.policy import make_policy, obs_to_array
+from flowrl.policy_stack import PolicyStack, stacks
 from flowrl.rollout import _stack_obs, worker_seed
 from flowrl.sample_batch import SampleBatch
 
@@ -73,10 +75,10 @@ class _Episode:
 
 class MultiAgentRolloutWorker:
     """Owns `num_envs_per_worker` copies of a multi-agent env and a TorchPolicy (or the plan's
-    policy class) per policy id. Takes the keyword arguments of RolloutWorker, plus
-    `multiagent` (the config section, flowrl.multi_agent) and `count_steps_by`; `policies`
-    (policy objects to act with instead of new ones) and `explore=False` (the most likely
-    actions) are for evaluating trained policies."""
+    policy class, or that of the policy's own `plan`) per policy id. Takes the keyword arguments
+    of RolloutWorker, plus `multiagent` (the config section, flowrl.multi_agent) and
+    `count_steps_by`; `policies` (policy objects to act with instead of new ones) and
+    `explore=False` (the most likely actions) are for evaluating trained policies."""
 
     def __init__(self, env: str, multiagent: dict, count_steps_by: str = "env_steps", num_envs_per_worker: int = 1,
                  rollout_fragment_length: int = 200, env_config: dict[str, Any] | None = None,
@@ -114,11 +116,12 @@ class MultiAgentRolloutWorker:
                 continue
             agent = first_agent.get(pid, self.agent_names[0])
             settings = self.setup.settings[pid]
+            policy_class, options = policy_class_of(settings, policy, policy_config)  # a policy's own `plan`
             self.policies[pid] = make_policy(
-                policy, self.envs[0].observation_space(agent), self.envs[0].action_space(agent),
+                policy_class, self.envs[0].observation_space(agent), self.envs[0].action_space(agent),
                 model=settings.get("model", model), lr=settings.get("lr", lr),
                 seed=None if seed is None else seed + 7919 * k,
-                sample_seed=None if self.seed is None else self.seed + 7919 * k, **(policy_config or {}))
+                sample_seed=None if self.seed is None else self.seed + 7919 * k, **options)
         for agent in self.agent_names:
             pid = self.setup.mapping(agent, 0)
             p = self.policies[pid]
@@ -130,6 +133,7 @@ class MultiAgentRolloutWorker:
         self.policies_to_train = list(self.setup.policies_to_train)
         self.spaces = {pid: {"obs": p.observation_space, "new_obs": p.observation_space, "actions": p.action_space}
                        for pid, p in self.policies.items()}
+        self._stacks: dict[tuple[str, ...], list[tuple[list[str], PolicyStack]]] = {}  # see _stacks_of
         if not sample:
             for e in self.envs:
                 e.close()
@@ -187,8 +191,8 @@ class MultiAgentRolloutWorker:
                                policy_episodes={pid: e for pid, e in agent_episodes.items() if e})
 
     def _act(self) -> list[dict[str, Any]]:
-        """Actions for every agent that must act, in every copy: one policy call per policy.
-        Opens each acting agent's transition."""
+        """Actions for every agent that must act, in every copy: one call per PolicyStack (a
+        policy, or policies that act as one). Opens each acting agent's transition."""
         groups: dict[str, list[tuple[int, str]]] = {}
         episodes = self._episodes
         for i, obs in enumerate(self._obs):
@@ -204,20 +208,32 @@ class MultiAgentRolloutWorker:
                 members.append((i, agent))
         actions: list[dict[str, Any]] = [{} for _ in self.envs]
         index = self._agent_index
-        for pid, members in groups.items():
-            policy = self.policies[pid]
-            raw = [self._obs[i][agent] for i, agent in members]
-            out = policy.compute_actions(_batch_obs(policy.observation_space, raw), self.explore)
+        for pids, stack in self._stacks_of(groups):
+            raw = [[self._obs[i][agent] for i, agent in groups[pid]] for pid in pids]
+            out = stack.compute_actions([_batch_obs(p.observation_space, r) for p, r in zip(stack.policies, raw)],
+                                        self.explore)
+            members = [member for pid in pids for member in groups[pid]]
+            versions = [p.weights_version for p, r in zip(stack.policies, raw) for _ in r]
             # Python numbers (one tolist per call) are cheaper to gather into columns than numpy scalars.
-            version = policy.weights_version
-            for (i, agent), obs, env_action, action, logp, value in zip(
-                    members, raw, _rows(out.env_actions), _rows(out.actions), out.logp.tolist(), out.values.tolist()):
+            for (i, agent), obs, version, env_action, action, logp, value in zip(
+                    members, itertools.chain(*raw), versions, _rows(out.env_actions), _rows(out.actions),
+                    out.logp.tolist(), out.values.tolist()):
                 actions[i][agent] = env_action
                 episode = episodes[i]
                 # The first nine of _ROW_FIELDS; the reward adds up until the transition closes.
                 episode.open[agent] = [obs, action, 0.0, logp, value, episode.t.get(agent, 0), version,
                                        episode.eps_id, index[agent]]
         return actions
+
+    def _stacks_of(self, pids: Iterable[str]) -> list[tuple[list[str], PolicyStack]]:
+        """The acting policies `pids` as the PolicyStacks they act in (flowrl.policy_stack), made
+        once per set of acting policies: a stack keeps copies of its policies' weights."""
+        key = tuple(sorted(pids))
+        found = self._stacks.get(key)
+        if found is None:
+            found = self._stacks[key] = [([key[j] for j in group], PolicyStack([self.policies[key[j]] for j in group]))
+                                         for group in stacks([self.policies[pid] for pid in key])]
+        return found
 
     def _step(self, i: int, env: Any, actions: dict[str, Any], rows: dict[str, list], team_episodes: list,
               agent_episodes: dict[str, list]) -> None:
@@ -293,6 +309,7 @@ class MultiAgentRolloutWorker:
             policy.set_weights(weights)
         self.policies[policy_id] = policy
         self.spaces[policy_id] = dict(self.spaces[like])
+        self._stacks.clear()
 
     def set_policy_mapping(self, mapping: Callable[[str, int], str]) -> None:
         """Agents of the episodes that start from now on go to `mapping(agent_id, episode_id)`."""

@@ -133,13 +133,14 @@ class Plan:
 
     def __init__(self, output: Stream, report: Any = None, executor: Executor | None = None,
                  min_time_s: float = 0.0, min_items: int = 1, min_env_steps: int = 0, name: str = "plan",
-                 state: dict[str, Any] | None = None):
+                 state: dict[str, Any] | None = None, steps_counter: str = "num_env_steps_sampled"):
         self.output = output
         self.report = report
         self.executor = executor
         self.min_time_s = min_time_s
         self.min_items = max(1, min_items)
         self.min_env_steps = min_env_steps
+        self.steps_counter = steps_counter  # what min_env_steps counts (num_agent_steps_sampled: agent steps)
         self.name = name
         # Plan-specific values that must survive a checkpoint (an adaptive KL coefficient, say):
         # numbers and strings only, saved and restored with the counters.
@@ -195,11 +196,11 @@ class Plan:
         items = 0
         item = None
         counters = self.ctx.counters
-        steps_before = counters["num_env_steps_sampled"]
+        steps_before, env_steps_before = counters[self.steps_counter], counters["num_env_steps_sampled"]
         time_before = dict(self.ctx.operator_time)
         try:
             while (items < self.min_items or time.perf_counter() - t0 < self.min_time_s
-                   or counters["num_env_steps_sampled"] - steps_before < self.min_env_steps):
+                   or counters[self.steps_counter] - steps_before < self.min_env_steps):
                 try:
                     item = next(self._it)
                 except StopIteration:
@@ -221,7 +222,7 @@ class Plan:
         result.update(self.ctx.counters)
         result["num_actor_restarts"] = self.ctx.num_actor_restarts
         result.update({"items_this_iter": items, "time_this_iter_s": elapsed, "time_total_s": self._time_total,
-                       "env_steps_per_s": (counters["num_env_steps_sampled"] - steps_before) / max(elapsed, 1e-9)})
+                       "env_steps_per_s": (counters["num_env_steps_sampled"] - env_steps_before) / max(elapsed, 1e-9)})
         result["operator_time_s"] = {name: spent - time_before.get(name, 0.0)
                                      for name, spent in self.ctx.operator_time.items()}
         result.update(self.ctx.info)

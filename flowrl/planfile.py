@@ -248,11 +248,13 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
 def _check_multiagent(plan, config, env: str, where: str) -> None:
     """config.multiagent against the plan and the env's agents: every agent maps to a policy,
     every policy has an agent (one env is made to learn its agents)."""
-    from flowrl.multi_agent import SINGLE_AGENT_KEYS, SINGLE_AGENT_PLANS, parse_multiagent
+    from flowrl.multi_agent import SINGLE_AGENT_KEYS, SINGLE_AGENT_PLANS, check_policy_plans, parse_multiagent
+    from flowrl.plans import BUILTIN_PLANS
     from flowrl.multi_agent_env import make_multi_agent_env
 
     if getattr(plan, "name", None) in SINGLE_AGENT_PLANS:
-        raise ExperimentError(f"{where}: config.multiagent: {plan.name} does not run multi-agent yet (PPO and A2C do)")
+        raise ExperimentError(f"{where}: config.multiagent: {plan.name} does not run multi-agent yet (PPO, A2C, "
+                              "DQN and SAC do)")
     for key in SINGLE_AGENT_KEYS:
         if getattr(config, key, None) is not None:
             raise ExperimentError(f"{where}: config.{key}: is not supported with multiagent yet")
@@ -262,7 +264,9 @@ def _check_multiagent(plan, config, env: str, where: str) -> None:
     except EnvError as e:
         raise ExperimentError(f"{where}: env: {e} (config.multiagent is given)") from None
     try:
-        parse_multiagent(config.multiagent).resolve(list(made.possible_agents))
+        setup = parse_multiagent(config.multiagent).resolve(list(made.possible_agents))
+        if getattr(plan, "name", None) in BUILTIN_PLANS:
+            check_policy_plans(setup, plan.name)
     except ConfigError as e:
         raise ExperimentConfigError(where, e) from None
     finally:
@@ -286,11 +290,21 @@ def env_spaces(env: str | None, env_config: dict[str, Any], env_wrappers: list |
 
 
 def experiment_spaces(config, env: str | None) -> dict[str, Any] | None:
-    """The env's spaces; without an env, for input: external, those config.external gives."""
+    """The env's spaces; without an env, for input: external, those config.external gives;
+    with config.multiagent, {policy id: spaces} (flowrl.multi_agent.policy_spaces)."""
     if env is None and getattr(config, "input", None) == "external":
         from flowrl.wire import ExternalConfig
 
         return parse_config(ExternalConfig, config.external, prefix="external").spaces()
+    if env is not None and getattr(config, "multiagent", None) is not None:
+        from flowrl.multi_agent import parse_multiagent, policy_spaces
+        from flowrl.multi_agent_env import make_multi_agent_env
+
+        made = make_multi_agent_env(env, config.env_config)
+        try:
+            return policy_spaces(made, parse_multiagent(config.multiagent).resolve(list(made.possible_agents)))
+        finally:
+            made.close()
     return env_spaces(env, config.env_config, config.env_wrappers)
 
 

@@ -377,8 +377,22 @@ def _apply_numpy(calls: list, x: np.ndarray) -> np.ndarray:
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    # The ufuncs' reduce rather than x.max / x.sum: the same arithmetic without their Python
+    # wrappers, which on a policy's few rows a step cost more than it.
+    x = x - np.maximum.reduce(x, axis=-1, keepdims=True)
+    return x - np.log(np.add.reduce(np.exp(x), axis=-1, keepdims=True))
+
+
+def categorical(logp_all: np.ndarray, u: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Actions of the rows' categoricals (log-probabilities `logp_all`, a row each) by
+    inverse-CDF sampling with uniforms `u` (a column), or the most likely ones where `u` is
+    None; and their log-probabilities."""
+    if u is not None:
+        cdf = np.add.accumulate(np.exp(logp_all), axis=1)
+        actions = np.minimum(np.add.reduce(u * cdf[:, -1:] > cdf, axis=1), logp_all.shape[1] - 1)
+    else:
+        actions = logp_all.argmax(axis=1)
+    return actions.astype(np.int64), logp_all[np.arange(len(actions)), actions].astype(np.float32)
 
 
 def _layer_calls(module: nn.Module) -> list:
@@ -502,13 +516,7 @@ class TorchPolicy:
         return Actions(actions + space.start, actions, np.sum(logps, axis=0).astype(np.float32), values)
 
     def _categorical(self, logp_all: np.ndarray, explore: bool) -> tuple[np.ndarray, np.ndarray]:
-        if explore:  # inverse-CDF sampling
-            cdf = np.cumsum(np.exp(logp_all), axis=1)
-            u = self.rng.random((len(logp_all), 1)) * cdf[:, -1:]
-            actions = np.minimum((u > cdf).sum(axis=1), logp_all.shape[1] - 1)
-        else:
-            actions = logp_all.argmax(axis=1)
-        return actions.astype(np.int64), logp_all[np.arange(len(actions)), actions].astype(np.float32)
+        return categorical(logp_all, self.rng.random((len(logp_all), 1)) if explore else None)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         return self._forward_numpy(obs)[1]

@@ -179,6 +179,44 @@ def multi_agent_cartpole(num_agents: int = 4, max_episode_steps: int = 500) -> M
     return MultiAgentCartPole(num_agents, max_episode_steps)
 
 
+class MultiAgentPendulum(MultiAgentEnv):
+    """`num_agents` independent Pendulum-v1s, agents "agent_0", ...: continuous actions (for
+    multi-agent SAC); every agent is truncated together after 200 steps, as Pendulum-v1 is."""
+
+    def __init__(self, num_agents: int = 2):
+        self.possible_agents = [f"agent_{i}" for i in range(num_agents)]
+        self.agents: list[str] = []
+        self._envs = {a: gym.make("Pendulum-v1") for a in self.possible_agents}
+
+    def observation_space(self, agent: str) -> gym.Space:
+        return self._envs[agent].observation_space
+
+    def action_space(self, agent: str) -> gym.Space:
+        return self._envs[agent].action_space
+
+    def reset(self, seed: int | None = None):
+        self.agents = list(self.possible_agents)
+        n = len(self.agents)
+        obs = {a: e.reset(seed=None if seed is None else n * seed + i)[0] for i, (a, e) in enumerate(self._envs.items())}
+        return obs, {a: {} for a in self.agents}
+
+    def step(self, actions: dict[str, Any]):
+        out = {a: self._envs[a].step(actions[a]) for a in self.agents}
+        obs, rewards = {a: o[0] for a, o in out.items()}, {a: float(o[1]) for a, o in out.items()}
+        terminations, truncations = {a: o[2] for a, o in out.items()}, {a: o[3] for a, o in out.items()}
+        self.agents = [a for a in out if not (terminations[a] or truncations[a])]
+        return obs, rewards, terminations, truncations, {a: {} for a in out}
+
+    def close(self) -> None:
+        for e in self._envs.values():
+            e.close()
+
+
+def multi_agent_pendulum(num_agents: int = 2) -> MultiAgentPendulum:
+    """env "flowrl.testing_envs:multi_agent_pendulum": see MultiAgentPendulum."""
+    return MultiAgentPendulum(num_agents)
+
+
 class ScriptedMultiAgentEnv(MultiAgentEnv):
     """A 4-step episode whose every number can be worked out by hand, for tests of multi-agent
     workers: three agents with different spaces, one that leaves early, one that joins later.

@@ -42,7 +42,9 @@ class _Every(Map):
 
 class EvaluatePolicy(_Every):
     """Every `interval` items, plays `episodes` greedy episodes of `env` with the learner's
-    policy; the result record gets `evaluation/episode_return_mean` (and min, max).
+    policy; the result record gets `evaluation/episode_return_mean` (and min, max). Multi-agent:
+    the learner's policies act together; `evaluation/...` is then of the team return (the sum
+    over agents) and policy/<name>/evaluation/episode_return_mean (min, max) of each policy's agents.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -62,21 +64,35 @@ class EvaluatePolicy(_Every):
         self.episodes, self.seed = episodes, seed
 
     def measure(self) -> dict[str, Any]:
+        if self.workers.is_multi_agent:
+            return self._measure_policies()
         returns, lengths = evaluate_policy(self.workers.policy, self.env, self.env_config, self.episodes, self.seed,
                                            with_lengths=True, **self.workers.evaluation_env())
         return episode_summary(returns, lengths)
 
+    def _measure_policies(self) -> dict[str, Any]:
+        from flowrl.multi_agent_rollout import evaluate_multi_agent
 
-def episode_summary(returns: list[float], lengths: list[int]) -> dict[str, Any]:
-    """What an evaluation reports of its episodes.
+        team, per_policy = evaluate_multi_agent(self.workers.policies, self.env, self.env_config,
+                                                self.workers.worker_kwargs["multiagent"], self.episodes, self.seed)
+        for pid, returns in per_policy.items():
+            for key, value in episode_summary(returns).items() if returns else ():
+                self.ctx.info[f"policy/{pid}/evaluation/{key}"] = value
+        return episode_summary(team)
+
+
+def episode_summary(returns: list[float], lengths: list[int] | None = None) -> dict[str, Any]:
+    """What an evaluation reports of its episodes (their mean length when `lengths` are given).
 
     >>> s = episode_summary([10.0, 20.0], [10, 30])
     >>> s["episode_return_mean"], s["episode_return_min"], s["episode_return_max"], s["episode_len_mean"], s["episodes"]
     (15.0, 10.0, 20.0, 20.0, 2)
     """
-    return {"episode_return_mean": float(np.mean(returns)), "episode_return_min": float(np.min(returns)),
-            "episode_return_max": float(np.max(returns)), "episode_len_mean": float(np.mean(lengths)),
-            "episodes": len(returns)}
+    summary = {"episode_return_mean": float(np.mean(returns)), "episode_return_min": float(np.min(returns)),
+               "episode_return_max": float(np.max(returns)), "episodes": len(returns)}
+    if lengths is not None:
+        summary["episode_len_mean"] = float(np.mean(lengths))
+    return summary
 
 
 class OffPolicyEstimates(_Every):

@@ -33,6 +33,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
@@ -41,6 +42,7 @@ import gymnasium as gym
 import numpy as np
 
 from flowrl.config import check_schedule, schedule_value
+from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.operators.concurrency import as_fraction
 from flowrl.returns import n_step_sums
 from flowrl.sample_batch import BatchLayout, SampleBatch
@@ -126,6 +128,17 @@ def check_replay_memory(capacity: int, spaces: Mapping[str, gym.Space], prioriti
     return nbytes
 
 
+def _by_agent(batch: SampleBatch) -> SampleBatch:
+    """A policy batch whose eps_id tells its agents' trajectories apart: agents of one policy
+    share their episode's id, and n-step sums must not run from one agent's steps into
+    another's. Agent 0 keeps the episode id; agent k's is xor-ed with k times an odd 64-bit
+    constant (the golden ratio's, as hash combiners use), so ids of agents never meet."""
+    if "agent_id" not in batch or "eps_id" not in batch:
+        return batch
+    mix = batch["agent_id"].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return batch.with_columns(eps_id=(batch["eps_id"].astype(np.uint64) ^ mix).view(np.int64))
+
+
 class ReplayBuffer:
     """A ring of `capacity` rows (transitions) in preallocated numpy columns; once full, the
     oldest rows are overwritten. See the module docstring for what a row holds.
@@ -171,6 +184,10 @@ class ReplayBuffer:
             self._sum_tree, self._min_tree = SumTree(self.capacity), MinTree(self.capacity)
         self._cond = threading.Condition()
         self._last_add_thread: int | None = None
+        self._seed = seed
+        # Multi-agent: a buffer per policy (made as its rows first arrive), sharing this one's lock.
+        self.policy_buffers: dict[str, ReplayBuffer] = {}
+        self.count_steps_by = "env_steps"   # what the stored MultiAgentBatches count (schedules follow it)
 
     # ---- sizes ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -205,7 +222,14 @@ class ReplayBuffer:
         >>> cartpole = {"obs": gym.spaces.Box(-1, 1, (4,)), "actions": gym.spaces.Discrete(2)}
         >>> ReplayBuffer.estimate_nbytes(1000, cartpole)   # obs + new_obs 2*16, action 8, 4 + 1 + 4
         49000
+
+        Multi-agent spaces, {policy id: spaces}, count a buffer per policy:
+
+        >>> ReplayBuffer.estimate_nbytes(1000, {"red": cartpole, "blue": cartpole})
+        98000
         """
+        if spaces and all(isinstance(s, Mapping) for s in spaces.values()):
+            return sum(ReplayBuffer.estimate_nbytes(capacity, s, prioritized) for s in spaces.values())
         missing = [k for k in ("obs", "actions") if k not in spaces]
         if missing:
             raise ValueError(f"estimate_nbytes needs the spaces of {missing}; got {sorted(spaces)}")
@@ -215,11 +239,31 @@ class ReplayBuffer:
         return capacity * row + (_tree_nbytes(capacity) if prioritized else 0)
 
     # ---- adding -----------------------------------------------------------------------------
-    def add(self, batch: SampleBatch) -> int:
+    def policy_buffer(self, policy_id: str) -> "ReplayBuffer":
+        """Multi-agent: the buffer of one policy's rows, with this buffer's settings (made on
+        first use, its seed drawn from this one's and the policy id). Policies' rows never mix:
+        each has its own ring, priorities and n-step rows pending."""
+        buffer = self.policy_buffers.get(policy_id)
+        if buffer is None:
+            seed = None if self._seed is None else [int(self._seed), zlib.crc32(policy_id.encode())]
+            buffer = ReplayBuffer(self.capacity, self.n_step, self.gamma, self.prioritized, self.alpha, self.eps, seed)
+            buffer._cond = self._cond   # Replay waits on this buffer for rows of any policy
+            self.policy_buffers[policy_id] = buffer
+        return buffer
+
+    def add(self, batch: SampleBatch | MultiAgentBatch) -> int:
         """Store the rows of `batch` (columns obs, actions, rewards, new_obs, terminateds, and
         for n_step > 1 truncateds, eps_id and t; others are ignored). Returns the number of
         rows stored now; with n_step > 1 the last n - 1 rows of an episode still running wait
-        for the next add()."""
+        for the next add(). A MultiAgentBatch's policy batches each go to their policy's buffer
+        (`policy_buffer`); there, a trajectory is one agent's (eps_id and agent_id)."""
+        if isinstance(batch, MultiAgentBatch):
+            with self._cond:
+                self.count_steps_by = batch.count_steps_by
+                stored = sum(self.policy_buffer(pid).add(_by_agent(b) if self.n_step > 1 else b)
+                             for pid, b in batch.policy_batches.items())
+                self._last_add_thread = threading.get_ident()
+            return stored
         inputs = _N_STEP_INPUT if self.n_step > 1 else _ONE_STEP_INPUT
         missing = [k for k in inputs if k not in batch]
         if missing:
@@ -394,15 +438,21 @@ class ReplayBuffer:
 
     # ---- waiting (for Replay) ----------------------------------------------------------------
     def wait_for(self, rows: int, timeout: float) -> bool:
-        """Wait up to `timeout` s until at least `rows` rows are stored; True if they are."""
+        """Wait up to `timeout` s until at least `rows` rows are stored (multi-agent: in some
+        policy's buffer); True if they are."""
         with self._cond:
-            if self._size < rows:
+            if not self.holds(rows):
                 if self._last_add_thread == threading.get_ident():
                     raise PlanStructureError(
                         f"a Replay stream waits for {rows} rows in the thread that stores into its buffer, "
                         "so it would wait forever; run the store and replay streams with Concurrently")
                 self._cond.wait(timeout)
-            return self._size >= rows
+            return self.holds(rows)
+
+    def holds(self, rows: int) -> bool:
+        """Whether `rows` rows are stored: in this buffer, or in one of its policy buffers."""
+        with self._cond:   # a policy buffer may be added meanwhile
+            return self._size >= rows or any(len(b) >= rows for b in self.policy_buffers.values())
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
@@ -426,6 +476,10 @@ class ReplayBuffer:
             rng = _rng_state(self._rng)
             if rng is not None:
                 out["rng"] = rng
+            if self.policy_buffers:  # multi-agent: each policy's under policy.<i>., i its place in policy_ids
+                out["policy_ids"] = np.array(list(self.policy_buffers))
+                for i, buffer in enumerate(self.policy_buffers.values()):
+                    out.update({f"policy.{i}.{k}": v for k, v in buffer.state().items()})
             return out
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -455,6 +509,12 @@ class ReplayBuffer:
         if pending and (set(pending) != set(_N_STEP_INPUT) or len({len(v) for v in pending.values()}) != 1):
             raise ValueError(f"replay buffer state: pending rows have columns {sorted(pending)} of lengths "
                              f"{sorted({len(v) for v in pending.values()})}, expected {list(_N_STEP_INPUT)}")
+        policy_buffers = {}
+        for i, pid in enumerate(np.asarray(state.get("policy_ids", [])).tolist()):
+            policy_buffers[pid] = ReplayBuffer(self.capacity, self.n_step, self.gamma, self.prioritized, self.alpha,
+                                               self.eps)
+            prefix = f"policy.{i}."
+            policy_buffers[pid].load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         priorities = np.asarray(state["priorities"], dtype=np.float64) if "priorities" in state else np.ones(size)
         max_priority = float(scalar("max_priority"))
         if len(priorities) != size or not (np.all(np.isfinite(priorities)) and np.all(priorities > 0)) \
@@ -480,6 +540,9 @@ class ReplayBuffer:
                 self._min_tree.rebuild(priorities)
             if "rng" in state:
                 _set_rng_state(self._rng, np.asarray(state["rng"]))
+            for buffer in policy_buffers.values():
+                buffer._cond = self._cond
+            self.policy_buffers = policy_buffers
 
     def save(self, path) -> None:
         """state() into an .npz file (no pickle)."""
@@ -539,7 +602,9 @@ def weights_for_training_intensity(training_intensity: float | None, rows_per_st
 
 class StoreToReplayBuffer(Map):
     """Adds each batch's rows to a ReplayBuffer and passes the batch on; reports the buffer's
-    size as `replay_buffer_size`.
+    size as `replay_buffer_size`. A MultiAgentBatch's rows go to the buffers of the policies it
+    holds (SelectPolicies before this stores only some), reported as policy/<name>/replay_buffer_size
+    and their total.
 
     >>> buf = ReplayBuffer(capacity=8)
     >>> rows = {"obs": np.zeros((2, 1)), "actions": np.zeros(2, np.int64), "rewards": np.ones(2, np.float32),
@@ -555,10 +620,13 @@ class StoreToReplayBuffer(Map):
     def setup(self, ctx) -> None:
         self.ctx = ctx
 
-    def __call__(self, batch: SampleBatch) -> SampleBatch:
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> SampleBatch | MultiAgentBatch:
         self.buffer.add(batch)
         if self.ctx is not None:
-            self.ctx.info["replay_buffer_size"] = len(self.buffer)
+            policies = self.buffer.policy_buffers
+            for pid, buffer in policies.items():
+                self.ctx.info[f"policy/{pid}/replay_buffer_size"] = len(buffer)
+            self.ctx.info["replay_buffer_size"] = sum(map(len, policies.values())) if policies else len(self.buffer)
         return batch
 
 
@@ -574,7 +642,7 @@ class _ReplaySource(Stream):
         self.beta_schedule = beta_schedule
 
     def ready(self) -> bool:
-        return len(self.buffer) >= self.min_rows
+        return self.buffer.holds(self.min_rows)
 
     def _iterate(self, ctx):
         spent = ctx.operator_time
@@ -585,12 +653,24 @@ class _ReplaySource(Stream):
                     return
             t0 = time.perf_counter()
             try:
-                beta = schedule_value(self.beta_schedule, ctx.counters["num_env_steps_sampled"], DEFAULT_BETA)
-                batch = self.buffer.sample(self.batch_size, beta)
+                counter = "num_agent_steps_sampled" if self.buffer.count_steps_by == "agent_steps" else \
+                    "num_env_steps_sampled"
+                beta = schedule_value(self.beta_schedule, ctx.counters[counter], DEFAULT_BETA)
+                batch = self._sample(beta)
             except Exception as e:
                 raise OperatorError(self.name, e) from e
             spent[self.name] += time.perf_counter() - t0
             yield batch
+
+    def _sample(self, beta: float) -> SampleBatch | MultiAgentBatch:
+        """A minibatch of the buffer, or multi-agent one of each policy's buffer that holds
+        learning_starts rows (a MultiAgentBatch of batch_size env steps: what one step of
+        every policy trains)."""
+        policies = dict(self.buffer.policy_buffers)   # a copy: the store stream may add a policy meanwhile
+        if not policies:
+            return self.buffer.sample(self.batch_size, beta)
+        batches = {pid: b.sample(self.batch_size, beta) for pid, b in policies.items() if len(b) >= self.min_rows}
+        return MultiAgentBatch(batches, self.batch_size, count_steps_by=self.buffer.count_steps_by)
 
 
 def Replay(buffer: ReplayBuffer, batch_size: int, learning_starts: int = 0, beta_schedule: list | None = None,
@@ -598,9 +678,11 @@ def Replay(buffer: ReplayBuffer, batch_size: int, learning_starts: int = 0, beta
     """An endless stream of `batch_size`-row batches sampled from `buffer` (see
     ReplayBuffer.sample), starting once it holds `learning_starts` rows (at least one). The
     importance-weight exponent beta follows `beta_schedule` ([[timestep, beta], ...],
-    piecewise linear in the env steps sampled; None: 0.4 throughout). Run it beside the
-    stream that fills the buffer with Concurrently, which does not pull it until it is ready:
-    until then the store stream runs alone.
+    piecewise linear in the env steps sampled, or agent steps where the MultiAgentBatches
+    stored count those; None: 0.4 throughout). A buffer of MultiAgentBatches yields
+    MultiAgentBatches of `batch_size` rows per policy, of each policy whose buffer holds
+    `learning_starts` rows. Run it beside the stream that fills the buffer with Concurrently,
+    which does not pull it until it is ready: until then the store stream runs alone.
 
     >>> from flowrl.operators.concurrency import Concurrently
     >>> from flowrl.plan import Plan
@@ -635,7 +717,8 @@ def _numpy(value: Any) -> np.ndarray:
 class UpdatePriorities(Map):
     """Takes the learner's per-row `td_error` and the rows' `batch_indexes` out of its stats
     and sets those rows' priorities in `buffer`; passes the other stats on. A uniform buffer
-    needs neither (they are removed if present).
+    needs neither (they are removed if present). Multi-agent stats (policy/<name>/td_error, ...)
+    set the priorities in each policy's buffer.
 
     >>> buf = ReplayBuffer(capacity=4, prioritized=True, alpha=1.0, eps=0.5, seed=0)
     >>> rows = {"obs": np.zeros((4, 1)), "actions": np.zeros(4, np.int64), "rewards": np.ones(4, np.float32),
@@ -652,14 +735,23 @@ class UpdatePriorities(Map):
 
     def __call__(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         stats = dict(stats)
-        indexes, td = stats.pop("batch_indexes", None), stats.pop("td_error", None)
-        if indexes is None or td is None:
-            if self.buffer.prioritized:
-                raise KeyError("UpdatePriorities: the learner's stats need per-row 'td_error' and 'batch_indexes' "
-                               f"arrays (the loss returns them); got {sorted(stats)}")
+        if not self.buffer.policy_buffers:
+            self._update(self.buffer, stats, "")
             return stats
-        self.buffer.update_priorities(_numpy(indexes), _numpy(td))
+        trained = {k.split("/")[1] for k in stats if k.startswith("policy/") and k.count("/") >= 2}
+        for pid in sorted(trained & set(self.buffer.policy_buffers)):
+            self._update(self.buffer.policy_buffers[pid], stats, f"policy/{pid}/")
         return stats
+
+    @staticmethod
+    def _update(buffer: ReplayBuffer, stats: dict[str, Any], prefix: str) -> None:
+        indexes, td = stats.pop(f"{prefix}batch_indexes", None), stats.pop(f"{prefix}td_error", None)
+        if indexes is None or td is None:
+            if buffer.prioritized:
+                raise KeyError(f"UpdatePriorities: the learner's stats need per-row '{prefix}td_error' and "
+                               f"'{prefix}batch_indexes' arrays (the loss returns them); got {sorted(stats)}")
+            return
+        buffer.update_priorities(_numpy(indexes), _numpy(td))
 
 
 # ---- whole batches (IMPALA-style mixin replay) --------------------------------------------------

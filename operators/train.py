@@ -349,7 +349,9 @@ class UpdateTargetNetwork(Map):
     a copy, as in DQN; a small tau with `every_steps=1` is the Polyak averaging of SAC (Lillicrap
     et al. 2016). The network followed is `policy.target_source` where the policy has one (SAC:
     its critics), else `policy.model`; the target is a copy of it made on first use. Passes its
-    input on and reports the number of updates.
+    input on and reports the number of updates. Multi-agent: every policy to train that has a
+    target network (a replay policy; not a PPO one beside it) is updated at once, on the
+    trained env steps, or agent steps with count_steps_by: agent_steps.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -373,24 +375,36 @@ class UpdateTargetNetwork(Map):
         self.ctx = ctx
         for key in ("last_target_update_step", "num_target_updates"):
             ctx.counters.setdefault(key, 0)
-        policy = self.workers.policy
-        self.source = getattr(policy, "target_source", policy.model)
-        if getattr(policy, "target_model", None) is None:
-            policy.target_model = copy.deepcopy(self.source).requires_grad_(False)
+        policies = self.workers.policies
+        if self.workers.is_multi_agent:
+            to_train = [policies[p] for p in self.workers.policies_to_train]
+            self.policies = [p for p in to_train if hasattr(p, "target_model")]
+        else:
+            self.policies = [self.workers.policy]
+        for policy in self.policies:
+            if getattr(policy, "target_model", None) is None:
+                policy.target_model = copy.deepcopy(_target_source(policy)).requires_grad_(False)
+        self.trained = self.workers.steps_counter.replace("_sampled", "_trained")
 
     def __call__(self, item: Any) -> Any:
         # The step of the last update and the update count are plan counters, so that a resumed
         # run keeps the target network's schedule.
         counters = self.ctx.counters
-        trained = counters["num_env_steps_trained"]
+        trained = counters[self.trained]
         if trained - counters["last_target_update_step"] >= self.every_steps:
-            target = self.workers.policy.target_model
-            if self.tau == 1.0:
-                target.load_state_dict(self.source.state_dict())
-            else:
-                with torch.no_grad():
-                    for theta_target, theta in zip(target.parameters(), self.source.parameters()):
-                        theta_target.lerp_(theta, self.tau)
+            for policy in self.policies:
+                source, target = _target_source(policy), policy.target_model
+                if self.tau == 1.0:
+                    target.load_state_dict(source.state_dict())
+                else:
+                    with torch.no_grad():
+                        for theta_target, theta in zip(target.parameters(), source.parameters()):
+                            theta_target.lerp_(theta, self.tau)
             counters["last_target_update_step"] = trained
             counters["num_target_updates"] += 1
         return item
+
+
+def _target_source(policy: Any) -> torch.nn.Module:
+    """The network a policy's target network follows: `target_source` (SAC's critics), else its model."""
+    return getattr(policy, "target_source", policy.model)

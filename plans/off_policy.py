@@ -89,21 +89,38 @@ class ReplayConfig(CommonConfig):
 
 def check_spaces(config: ReplayConfig, spaces: dict[str, gym.Space], plan: str, action_type: type) -> None:
     """Raises EnvError when the env's actions are not of `action_type`, ConfigError when the
-    buffer's columns would not fit in memory."""
+    buffer's columns would not fit in memory. Multi-agent spaces ({policy id: spaces}) are
+    checked policy by policy, and the buffers of all of them together."""
     from flowrl.envs import EnvError
 
-    actions = spaces["actions"]
-    if not isinstance(actions, action_type):
-        raise EnvError(f"{plan} needs {action_type.__name__} actions; this env's are {actions}")
+    for whose, policy_spaces in spaces_by_policy(spaces):
+        actions = policy_spaces["actions"]
+        if not isinstance(actions, action_type):
+            raise EnvError(f"{plan} needs {action_type.__name__} actions; {whose} are {actions}")
     try:
         check_replay_memory(config.replay_buffer_capacity, spaces, config.prioritized_replay)
     except ValueError as e:
         raise ConfigError("replay_buffer_capacity", str(e).removeprefix("replay_buffer_capacity ")) from None
 
 
+def spaces_by_policy(spaces: dict) -> list[tuple[str, dict[str, gym.Space]]]:
+    """(whose, spaces) of each policy for multi-agent spaces ({policy id: spaces}), else of the
+    env: what a check of the spaces names in its error.
+
+    >>> box = {"actions": gym.spaces.Box(-1, 1)}
+    >>> [whose for whose, _ in spaces_by_policy(box)], [whose for whose, _ in spaces_by_policy({"red": box})]
+    (["this env's"], ["policy 'red''s agents'"])
+    """
+    if "actions" in spaces:
+        return [("this env's", spaces)]
+    return [(f"policy {pid!r}'s agents'", s) for pid, s in spaces.items()]
+
+
 class ExplorationSchedule(Map):
     """Sets the learner policy's epsilon from `schedule` ([[timestep, epsilon], ...], piecewise
-    linear in the env steps sampled) and reports it; remote workers get it with the weights."""
+    linear in the env steps sampled) and reports it; remote workers get it with the weights.
+    Multi-agent: every policy with an epsilon (Q-policies, frozen ones too), on the steps
+    count_steps_by names; one whose epsilon changed is marked for UpdateWeights to send."""
 
     def __init__(self, workers: WorkerSet, schedule: list):
         self.workers, self.schedule = workers, schedule
@@ -112,9 +129,16 @@ class ExplorationSchedule(Map):
         self.ctx = ctx
 
     def __call__(self, batch):
-        epsilon = schedule_value(self.schedule, self.ctx.counters["num_env_steps_sampled"], 1.0)
-        self.workers.policy.epsilon = epsilon
+        epsilon = schedule_value(self.schedule, self.ctx.counters[self.workers.steps_counter], 1.0)
         self.ctx.info["epsilon"] = epsilon
+        if not self.workers.is_multi_agent:
+            self.workers.policy.epsilon = epsilon
+            return batch
+        for pid, policy in self.workers.policies.items():
+            if getattr(policy, "epsilon", epsilon) != epsilon:
+                policy.epsilon = epsilon
+                if self.workers.num_remote_workers:
+                    self.workers.trained_policies.add(pid)
         return batch
 
 
@@ -171,7 +195,7 @@ def build_replay_plan(workers: WorkerSet, config: ReplayConfig, loss: Callable, 
     both = Concurrently({"store": store, "train": train}, output="train", round_robin_weights=weights)
     plan = Plan(both, report=StandardMetricsReporting(config.metrics_num_episodes_for_smoothing),
                 min_time_s=config.min_time_s_per_iteration,
-                min_env_steps=config.timesteps_per_iteration, name=name)
+                min_env_steps=config.timesteps_per_iteration, steps_counter=workers.steps_counter, name=name)
     plan.replay_buffer = buffer if config.checkpoint_replay_buffer else None
     return plan
 

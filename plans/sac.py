@@ -24,7 +24,7 @@ import torch
 
 from flowrl.config import ConfigError
 from flowrl.plan import Plan
-from flowrl.plans.off_policy import ReplayConfig, build_replay_plan, check_spaces
+from flowrl.plans.off_policy import ReplayConfig, build_replay_plan, check_spaces, spaces_by_policy
 from flowrl.rollout import WorkerSet
 
 
@@ -93,9 +93,10 @@ def check_sac_env(config: SACConfig, spaces: dict[str, gym.Space]) -> None:
     from flowrl.envs import EnvError
 
     check_spaces(config, spaces, "SAC", gym.spaces.Box)
-    actions = spaces["actions"]
-    if not (np.isfinite(actions.low).all() and np.isfinite(actions.high).all()):
-        raise EnvError(f"SAC squashes actions into their bounds, which must be finite; this env's are {actions}")
+    for whose, policy_spaces in spaces_by_policy(spaces):
+        actions = policy_spaces["actions"]
+        if not (np.isfinite(actions.low).all() and np.isfinite(actions.high).all()):
+            raise EnvError(f"SAC squashes actions into their bounds, which must be finite; {whose} are {actions}")
 
 
 def build_sac_plan(workers: WorkerSet, config: SACConfig) -> Plan:
