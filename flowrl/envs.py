@@ -145,7 +145,23 @@ ENV_FAMILIES = (
     (lambda env, entry: env.startswith(("pettingzoo.", "pettingzoo:")), "pettingzoo",
      "pettingzoo (pip install 'flowrl[multiagent]')"),
     (lambda env, entry: env.startswith(("mpe2.", "mpe2:")), "mpe2", "mpe2 (pip install 'flowrl[multiagent]')"),
+    (lambda env, entry: env.startswith("MinAtar/"), "minatar", "minatar (pip install 'flowrl[minatar]')"),
 )
+
+
+def _register_minatar() -> None:
+    """MinAtar's gymnasium ids (MinAtar/Breakout-v1, ...), which its package registers only when
+    asked; its module warns through logging that seaborn (for rendering) is missing: not shown."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        from minatar.gym import register_envs
+    finally:
+        root.setLevel(level)
+    register_envs()
 
 
 def _check_family(env: str) -> None:
@@ -159,6 +175,8 @@ def _check_family(env: str) -> None:
                 importlib.import_module(module)
             except ImportError:
                 raise EnvError(f"{env!r} needs {package}") from None
+    if env.startswith("MinAtar/") and env not in gym.envs.registry:
+        _register_minatar()
     if env.startswith("minari:"):
         raise EnvError(f"{env!r} is a Minari dataset, not an env: give it as config.input, and the env it was "
                        "recorded in as env")

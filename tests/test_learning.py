@@ -8,6 +8,8 @@ Each bound sits below what seeds 0, 1 and 2 all reach within the budget (measure
 
 from pathlib import Path
 
+import pytest
+
 from flowrl.experiment import load_experiments, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +39,10 @@ def test_appo_cartpole_learns_with_a_learner_thread(tmp_path):
 def test_ppo_pendulum_improves_with_gaussian_actions(tmp_path):
     result = train("ppo_pendulum", tmp_path, overrides=[("stop.timesteps_total", 100_000)])
     assert result["episode_return_mean"] >= -400
+
+
+def test_ppo_learns_minatar_breakout_from_image_shaped_observations(tmp_path):
+    """examples/ppo_minatar_breakout.yaml: 1.7-2.9 on seeds 0-4 at 80k env steps; random 0.38."""
+    pytest.importorskip("minatar")
+    result = train("ppo_minatar_breakout", tmp_path)
+    assert result["timesteps_total"] >= 80_000 and result["episode_return_mean"] >= 1.0

@@ -330,6 +330,7 @@ def test_eval_of_an_experiment_dir_uses_its_latest_run(run_dir, capsys):
     ("HalfCheetah-v5", "mujoco", "env: 'HalfCheetah-v5' needs mujoco (pip install 'flowrl[mujoco]')"),
     ("minari:D4RL/door/human-v2", "minari",
      "env: 'minari:D4RL/door/human-v2' needs minari (pip install 'flowrl[minari]')"),
+    ("MinAtar/Breakout-v1", "minatar", "env: 'MinAtar/Breakout-v1' needs minatar (pip install 'flowrl[minatar]')"),
 ])
 def test_an_env_whose_package_is_missing_names_what_to_install(tmp_path, capsys, monkeypatch, env, module, message):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError, installed or not
