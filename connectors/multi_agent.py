@@ -13,7 +13,8 @@ different observation and action spaces), plus two string columns, `agent_id` (t
 whose step the row is) and `policy_id`. eps_id and t are as the rollout worker gave them: t
 counts the agent's own steps in episode eps_id. With equal spaces, plain
 `pyarrow.parquet.read_table("out")` reads every policy's rows at once. Offline plans train one
-policy from one policy id's rows (`input_policy_id`).
+single-agent policy from one policy id's rows (`input_policy_id`), or, run with `multiagent`,
+each policy to train from its own rows (`open_policies`, `MultiAgentDatasetInput`).
 
 >>> import tempfile, numpy as np
 >>> from flowrl.multi_agent_batch import MultiAgentBatch
@@ -41,6 +42,9 @@ import pyarrow.compute as pc
 from flowrl.config import ConfigError
 from flowrl.connectors.input import Dataset, DatasetError
 from flowrl.connectors.output import DatasetWriter
+from flowrl.connectors.reader import DatasetInput
+from flowrl.multi_agent_batch import MultiAgentBatch
+from flowrl.stream import Stream
 
 MANIFEST = "_multiagent.json"
 FORMAT = "flowrl.multiagent"
@@ -134,6 +138,62 @@ def open_policy(spec: Any, policy_id: str | None, key: str = "input_policy_id") 
         raise ConfigError(key, f"{policy_id!r} is not a policy of {os.fspath(spec)} (it has: {', '.join(policies)})")
     data = Dataset.open(Path(spec) / policy_id)
     return AgentTrajectories(data) if "eps_id" in data.columns and "agent_id" in data.columns else data
+
+
+def open_policies(spec: Any, policies: list[str], to_train: list[str]) -> dict[str, Dataset]:
+    """The dataset of each policy in `to_train`, from the multi-agent recording at `spec`, for a
+    run whose config.multiagent names `policies`. A policy id of the recording that the config
+    does not name, and a policy to train without rows, are each a one-line error."""
+    recorded = policy_ids(spec)
+    if recorded is None:
+        raise ConfigError("input", f"{os.fspath(spec)} is not a multi-agent dataset (no {MANIFEST}); with "
+                                   "multiagent, record one with output: and the same multiagent section")
+    for pid in recorded:
+        if pid not in policies:
+            raise DatasetError(f"{os.fspath(spec)}: column 'policy_id': {pid!r} is not a policy of config.multiagent "
+                               f"(its policies: {', '.join(policies)})")
+    for pid in to_train:
+        if pid not in recorded:
+            raise DatasetError(f"{os.fspath(spec)}: column 'policy_id': no rows of {pid!r}, a policy to train (the "
+                               f"dataset has: {', '.join(recorded)})")
+    return {pid: open_policy(spec, pid) for pid in to_train}
+
+
+class MultiAgentDatasetInput(DatasetInput):
+    """MultiAgentBatches of `batch_size` rows of each policy of `datasets` ({policy id: its
+    rows}), each policy's rows shuffled and repeated as DatasetInput's (seed + i for the i-th);
+    it ends when the first policy's rows run out. Rows read count as `num_agent_steps_sampled`
+    and `num_rows_read`; a batch's env steps are its largest policy batch (shuffled rows cover
+    no known env steps), counted as `num_env_steps_sampled`."""
+
+    def __init__(self, datasets: dict[str, Dataset], columns: list[str], batch_size: int,
+                 shuffle_buffer_size: int = 50_000, seed: int | None = None, num_epochs: int | None = None,
+                 count_steps_by: str = "env_steps", name: str = "DatasetInput"):
+        Stream.__init__(self, name)
+        self.inputs = {pid: DatasetInput(data, columns, batch_size, shuffle_buffer_size,
+                                         None if seed is None else seed + i, num_epochs)
+                       for i, (pid, data) in enumerate(datasets.items())}
+        self.count_steps_by = count_steps_by
+
+    def _batches(self, executor):
+        parts = {pid: source._batches(executor) for pid, source in self.inputs.items()}
+        try:
+            while True:
+                try:
+                    batches = {pid: next(it) for pid, it in parts.items()}
+                except StopIteration:
+                    return
+                yield MultiAgentBatch(batches, max(len(b) for b in batches.values()),
+                                      count_steps_by=self.count_steps_by)
+        finally:
+            for it in parts.values():
+                it.close()
+
+    @staticmethod
+    def _count(counters, batch: MultiAgentBatch) -> None:
+        counters["num_env_steps_sampled"] += batch.env_steps
+        counters["num_agent_steps_sampled"] += batch.agent_steps
+        counters["num_rows_read"] += batch.agent_steps
 
 
 class AgentTrajectories(Dataset):

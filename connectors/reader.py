@@ -72,11 +72,15 @@ class DatasetInput(Stream[SampleBatch]):
                     raise
                 except Exception as e:
                     raise _wrap_error(self.name, e) from e
-                counters["num_env_steps_sampled"] += len(batch)
-                counters["num_rows_read"] += len(batch)
+                self._count(counters, batch)
                 yield batch
         finally:
             it.close()
+
+    @staticmethod
+    def _count(counters, batch: SampleBatch) -> None:
+        counters["num_env_steps_sampled"] += len(batch)
+        counters["num_rows_read"] += len(batch)
 
 
 def ray_data_batches(dataset: Dataset, columns: list[str], batch_size: int, shuffle_buffer_size: int,

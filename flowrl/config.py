@@ -132,8 +132,8 @@ class CommonConfig:
             from flowrl.multi_agent import parse_multiagent
 
             parse_multiagent(self.multiagent)
-            for key in ("env_wrappers", "input"):  # single-agent only, so far
-                if getattr(self, key):
+            for key in ("env_wrappers", "input"):  # single-agent only, so far (datasets: see check_input)
+                if getattr(self, key) and not (key == "input" and self.reads_datasets):
                     raise ConfigError(key, "is not supported with multiagent yet")
         if self.output_format not in OUTPUT_COMPRESSIONS:
             raise ConfigError("output_format", f"must be one of {', '.join(OUTPUT_COMPRESSIONS)}, "
@@ -149,6 +149,8 @@ class CommonConfig:
         if unknown and not custom:
             key = sorted(unknown)[0]
             raise ConfigError(f"model.{key}", "unknown key" + suggest(key, ["hidden", "activation", "custom_model"]))
+
+    reads_datasets = False  # offline plans (BC, MARWIL): `input` is a dataset, multi-agent ones too
 
     def check_input(self) -> None:
         """`input` is null or external (with `external` its settings); offline plans, which read

@@ -38,8 +38,6 @@ from flowrl.config import ConfigError, suggest
 KEY = "multiagent"
 POLICY_SETTINGS = ("model", "lr", "plan")  # what a policy may set for itself
 SHARED_POLICY = "shared"
-# Built-in plans whose operators are not multi-agent yet (APPO's learner queue and batch replay, offline data).
-SINGLE_AGENT_PLANS = ("APPO", "BC", "MARWIL")
 # Plan settings whose operators read one policy's statistics or gradients (A2C's microbatches, PPO's adaptive KL).
 SINGLE_AGENT_KEYS = ("microbatch_size", "kl_target")
 

@@ -248,13 +248,10 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
 def _check_multiagent(plan, config, env: str, where: str) -> None:
     """config.multiagent against the plan and the env's agents: every agent maps to a policy,
     every policy has an agent (one env is made to learn its agents)."""
-    from flowrl.multi_agent import SINGLE_AGENT_KEYS, SINGLE_AGENT_PLANS, check_policy_plans, parse_multiagent
+    from flowrl.multi_agent import SINGLE_AGENT_KEYS, check_policy_plans, parse_multiagent
     from flowrl.plans import BUILTIN_PLANS
     from flowrl.multi_agent_env import make_multi_agent_env
 
-    if getattr(plan, "name", None) in SINGLE_AGENT_PLANS:
-        raise ExperimentError(f"{where}: config.multiagent: {plan.name} does not run multi-agent yet (PPO, A2C, "
-                              "DQN and SAC do)")
     for key in SINGLE_AGENT_KEYS:
         if getattr(config, key, None) is not None:
             raise ExperimentError(f"{where}: config.{key}: is not supported with multiagent yet")

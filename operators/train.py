@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,9 +349,10 @@ class UpdateTargetNetwork(Map):
     a copy, as in DQN; a small tau with `every_steps=1` is the Polyak averaging of SAC (Lillicrap
     et al. 2016). The network followed is `policy.target_source` where the policy has one (SAC:
     its critics), else `policy.model`; the target is a copy of it made on first use. Passes its
-    input on and reports the number of updates. Multi-agent: every policy to train that has a
-    target network (a replay policy; not a PPO one beside it) is updated at once, on the
-    trained env steps, or agent steps with count_steps_by: agent_steps.
+    input on and reports the number of updates. Multi-agent: the policies `policy_ids` names
+    (APPO: every policy to train), by default every policy to train that has a target network
+    (a replay policy; not a PPO one beside it), are updated at once, on the trained env steps,
+    or agent steps with count_steps_by: agent_steps.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -364,12 +365,14 @@ class UpdateTargetNetwork(Map):
     (1, True)
     """
 
-    def __init__(self, workers: WorkerSet, every_steps: int, tau: float = 1.0):
+    def __init__(self, workers: WorkerSet, every_steps: int, tau: float = 1.0,
+                 policy_ids: Sequence[str] | None = None):
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
         self.workers = workers
         self.every_steps = every_steps
         self.tau = float(tau)
+        self.policy_ids = policy_ids
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
@@ -377,8 +380,10 @@ class UpdateTargetNetwork(Map):
             ctx.counters.setdefault(key, 0)
         policies = self.workers.policies
         if self.workers.is_multi_agent:
-            to_train = [policies[p] for p in self.workers.policies_to_train]
-            self.policies = [p for p in to_train if hasattr(p, "target_model")]
+            ids = self.policy_ids
+            if ids is None:
+                ids = [p for p in self.workers.policies_to_train if hasattr(policies[p], "target_model")]
+            self.policies = [policies[p] for p in ids]
         else:
             self.policies = [self.workers.policy]
         for policy in self.policies:

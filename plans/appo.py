@@ -4,6 +4,9 @@ learner thread, fed through a bounded queue, corrects for the policy lag with V-
 updated every `target_update_freq` trained steps. Weights go out without blocking sampling.
 Each result reports the policy lag of the batch it trained (`mean_policy_lag`, `max_policy_lag`:
 weight versions between the learner and the policy that sampled each row; PolicyLag).
+Multi-agent, each policy to train has its own target network, V-trace runs over each agent's
+trajectories in its policy's rows, and the lag is also reported per policy
+(policy/<name>/mean_policy_lag, ...).
 
 mu is the behaviour policy (the worker's, `action_logp`), pi_target the target network and
 pi the policy being trained. V-trace runs with pi_target as its target policy, so the
@@ -32,6 +35,7 @@ from flowrl.device import batch_to_device
 from flowrl.operators import (ConcatBatches, Concurrently, Dequeue, Enqueue, Gather, LearnerQueue,
                               LearningRateSchedule, ParallelRollouts, StandardMetricsReporting, TrainOneStep,
                               UpdateTargetNetwork, UpdateWeights, trajectory_ends)
+from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.plan import Plan
 from flowrl.returns import vtrace
 from flowrl.rollout import WorkerSet
@@ -69,16 +73,32 @@ class APPOConfig(CommonConfig):
             raise ConfigError("clip_param", f"must be > 0, got {self.clip_param}")
 
 
+def trained_rows(workers: WorkerSet, batch: SampleBatch | MultiAgentBatch) -> dict[str, SampleBatch]:
+    """The rows a batch trains, by policy id (as in workers.policies): a SampleBatch's under
+    default_policy, a MultiAgentBatch's of each policy to train that has rows in it."""
+    if not isinstance(batch, MultiAgentBatch):
+        return {"default_policy": batch}
+    return {pid: batch[pid] for pid in workers.policies_to_train if len(batch.policy_batches.get(pid, ()))}
+
+
 class VTraceTargets(Map):
     """Adds `target_logp`, `vs` and `pg_advantages` to a batch in time order, from the target
     network (pi_target: its outputs and, for Gaussian actions, its own log_std) and the
-    current value function."""
+    current value function. Multi-agent: to each policy to train's rows, from that policy's
+    networks; trajectory_ends cuts them where the agent changes, so V-trace never runs from one
+    agent's steps into another's."""
 
     def __init__(self, workers: WorkerSet, config: APPOConfig):
         self.workers, self.config = workers, config
 
-    def __call__(self, batch: SampleBatch) -> SampleBatch:
-        policy = self.workers.policy
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> SampleBatch | MultiAgentBatch:
+        if not isinstance(batch, MultiAgentBatch):
+            return self._targets(self.workers.policy, batch)
+        rows = trained_rows(self.workers, batch)
+        targets = {pid: self._targets(self.workers.policies[pid], b) for pid, b in rows.items()}
+        return batch.with_policy_batches({**batch.policy_batches, **targets})
+
+    def _targets(self, policy, batch: SampleBatch) -> SampleBatch:
         with torch.no_grad():
             columns = batch.to_torch()
             tensors = batch_to_device({k: columns[k] for k in ("obs", "new_obs", "actions")}, policy.device)
@@ -98,7 +118,9 @@ class PolicyLag(Map):
     learner's weights_version when the batch is trained minus the row's `weights_version` (0:
     sampled with the very weights being trained). Passes its batch on; `add_to_stats`, put after
     the training step, adds `mean_policy_lag` and `max_policy_lag` of that batch to the learner's
-    statistics, so a result reports the lag of the batch whose training it reports.
+    statistics, so a result reports the lag of the batch whose training it reports. Multi-agent:
+    each row against its own policy's weights_version, over the rows of the policies to train,
+    and per policy as policy/<name>/mean_policy_lag and policy/<name>/max_policy_lag.
 
     >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
     >>> workers.policy.weights_version = 5
@@ -112,15 +134,23 @@ class PolicyLag(Map):
         self.workers = workers
         self.last: dict[str, float] = {}
 
-    def __call__(self, batch: SampleBatch) -> SampleBatch:
-        lag = self.workers.policy.weights_version - batch["weights_version"]
-        self.last = {"mean_policy_lag": float(lag.mean()) if len(lag) else 0.0,
-                     "max_policy_lag": int(lag.max(initial=0))}
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> SampleBatch | MultiAgentBatch:
+        policies = self.workers.policies
+        lags = {pid: policies[pid].weights_version - rows["weights_version"]
+                for pid, rows in trained_rows(self.workers, batch).items()}
+        self.last = _lag_stats(np.concatenate(list(lags.values())) if lags else np.zeros(0, np.int64))
+        if isinstance(batch, MultiAgentBatch):
+            for pid, lag in lags.items():
+                self.last.update({f"policy/{pid}/{k}": v for k, v in _lag_stats(lag).items()})
         return batch
 
     def add_to_stats(self, stats: dict) -> dict:
         # The learner's operators run one batch at a time, in order: `last` is this batch's.
         return {**stats, **self.last}
+
+
+def _lag_stats(lag: np.ndarray) -> dict[str, float | int]:
+    return {"mean_policy_lag": float(lag.mean()) if len(lag) else 0.0, "max_policy_lag": int(lag.max(initial=0))}
 
 
 def appo_loss(policy, batch, config: APPOConfig):
@@ -149,7 +179,7 @@ def build_appo_plan(workers: WorkerSet, config: APPOConfig) -> Plan:
               .then(ConcatBatches(min_batch_size=config.train_batch_size))
               .then(Enqueue(learner_queue)))
     learn = (Dequeue(learner_queue)
-             .then(UpdateTargetNetwork(workers, config.target_update_freq))
+             .then(UpdateTargetNetwork(workers, config.target_update_freq, policy_ids=workers.policies_to_train))
              .then(VTraceTargets(workers, config))
              .then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
              .then(lag)

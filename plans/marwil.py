@@ -14,19 +14,27 @@ without its termination: truncated, or cut where the recording stops; as RLlib d
 `input` names the dataset (for a multi-agent recording, `input_policy_id` the policy whose rows
 train this single-agent policy, with that policy's spaces); `input_fraction` < 1 fills the rest of each batch with fresh
 experience sampled by the workers (its R_t bootstrapped from V at fragment ends).
+
+Run with `multiagent` (and the env, whose agents and spaces the policies come from), `input` is a
+multi-agent recording and each policy to train learns from its own rows: the input yields
+MultiAgentBatches of `train_batch_size` rows per policy, TrainOneStep trains each policy with its
+own optimizer, c^2 is kept per policy, and R_t runs along each agent's trajectory (eps_id,
+agent_id). `input_fraction` < 1 and the IS/WIS estimates are single-agent only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gymnasium as gym
 import torch
 
 from flowrl.config import CommonConfig, ConfigError
 from flowrl.connectors import Dataset, open_policy
+from flowrl.connectors.multi_agent import MultiAgentDatasetInput, open_policies
 from flowrl.connectors.reader import (DatasetInput, EpisodeReturns, check_episode_ids, complete_episodes,
                                      spaces_for)
+from flowrl.multi_agent import parse_multiagent
+from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.operators import (ComputeAdvantages, ConcatBatches, LearningRateSchedule, ParallelRollouts,
                               StandardMetricsReporting, TrainOneStep, UpdateWeights)
 from flowrl.operators.evaluation import EvaluatePolicy, OffPolicyEstimates
@@ -59,6 +67,8 @@ class MARWILConfig(CommonConfig):
     off_policy_estimation_episodes: int = 100  # recorded episodes for IS/WIS estimates; 0: none
     off_policy_estimation_interval: int = 10
 
+    reads_datasets = True
+
     def check_input(self) -> None:  # `input` is a dataset here (checked below), not a policy server
         if self.external:
             raise ConfigError("external", "offline plans read a dataset (input); they serve no clients")
@@ -81,6 +91,13 @@ class MARWILConfig(CommonConfig):
             raise ConfigError("input_num_epochs", f"must be >= 1 or null, got {self.input_num_epochs}")
         if self.sgd_minibatch_size is not None and not 1 <= self.sgd_minibatch_size <= self.train_batch_size:
             raise ConfigError("sgd_minibatch_size", f"must be in [1, train_batch_size], got {self.sgd_minibatch_size}")
+        if self.multiagent is not None:
+            if self.input_policy_id is not None:
+                raise ConfigError("input_policy_id", "with multiagent each policy to train reads its own rows of the "
+                                                     "dataset; leave input_policy_id out")
+            if self.input_fraction < 1:
+                raise ConfigError("input_fraction", "must be 1 with multiagent (mixing in live sampling is "
+                                                    "single-agent only)")
 
     def input_columns(self) -> list[str]:
         """The dataset columns training batches are read with."""
@@ -102,7 +119,9 @@ class BCConfig(MARWILConfig):
             raise ConfigError("beta", "BC is MARWIL with beta = 0; use the MARWIL plan for beta > 0")
 
 
-def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, state: dict):
+def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, state: dict,
+                key: str = "sqd_adv_norm"):
+    """MARWIL's loss (see the module docstring); c^2 is `state[key]`, updated in place."""
     dist_inputs, values = policy.model(batch["obs"])
     logp = policy.dist(dist_inputs).log_prob(batch["actions"])
     if config.beta == 0:
@@ -111,9 +130,8 @@ def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, st
 
     advantages = batch["value_targets"] - values
     adv = advantages.detach()
-    state["sqd_adv_norm"] += config.moving_average_sqd_adv_norm_update_rate * (
-        float((adv ** 2).mean()) - state["sqd_adv_norm"])
-    weights = torch.exp(config.beta * adv / (1e-8 + state["sqd_adv_norm"] ** 0.5)).clamp(max=MAX_WEIGHT)
+    state[key] += config.moving_average_sqd_adv_norm_update_rate * (float((adv ** 2).mean()) - state[key])
+    weights = torch.exp(config.beta * adv / (1e-8 + state[key] ** 0.5)).clamp(max=MAX_WEIGHT)
     policy_loss = -(weights * logp).mean()
     vf_loss = 0.5 * (advantages ** 2).mean()
 
@@ -124,13 +142,20 @@ def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, st
 
 class AddReturnsToGo(Map):
     """Adds `value_targets`: each row's discounted return-to-go in its recorded episode,
-    bootstrapped with the learner's current V(s_T) where the episode did not terminate."""
+    bootstrapped with the learner's current V(s_T) where the episode did not terminate.
+    `returns` is by policy id (single-agent: "default_policy"); a MultiAgentBatch's policies
+    each look up their own, with their own V."""
 
-    def __init__(self, returns: EpisodeReturns, workers: WorkerSet):
+    def __init__(self, returns: dict[str, EpisodeReturns], workers: WorkerSet):
         self.returns, self.workers = returns, workers
 
-    def __call__(self, batch: SampleBatch) -> SampleBatch:
-        targets = self.returns.lookup(batch["eps_id"], batch["t"], value=self.workers.policy.value)
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> SampleBatch | MultiAgentBatch:
+        if isinstance(batch, MultiAgentBatch):
+            return batch.with_policy_batches({pid: self._add(pid, b) for pid, b in batch.policy_batches.items()})
+        return self._add("default_policy", batch)
+
+    def _add(self, pid: str, batch: SampleBatch) -> SampleBatch:
+        targets = self.returns[pid].lookup(batch["eps_id"], batch["t"], value=self.workers.policies[pid].value)
         return batch.with_columns(value_targets=targets)
 
 
@@ -142,33 +167,61 @@ def _mix(columns: list[str]):
 
 def _estimates_off_policy(config: MARWILConfig, dataset: Dataset) -> bool:
     return bool(config.off_policy_estimation_episodes and config.off_policy_estimation_interval
-                and "action_logp" in dataset.columns)
+                and "action_logp" in dataset.columns and config.multiagent is None)
 
 
-def check_input(config: MARWILConfig, env_spaces: dict[str, gym.Space] | None) -> dict[str, gym.Space]:
+def open_inputs(config: MARWILConfig, policies: list[str] | None = None, to_train: list[str] | None = None
+                ) -> dict[str, Dataset]:
+    """The dataset of each policy to train: {"default_policy": the dataset} single-agent;
+    with multiagent, each policy to train's rows of the recording (`policies`: the run's,
+    `to_train`: by default config.multiagent's policies_to_train, else all)."""
+    if config.multiagent is None:
+        return {"default_policy": open_policy(config.input, config.input_policy_id)}
+    if to_train is None:
+        to_train = parse_multiagent(config.multiagent).policies_to_train or policies
+    return open_policies(config.input, policies, to_train)
+
+
+def check_input(config: MARWILConfig, env_spaces: dict | None) -> dict:
     """Opens the dataset and checks its columns and shapes before anything runs (DatasetError
-    naming the file and column); returns the spaces to train with."""
-    dataset = open_policy(config.input, config.input_policy_id)
-    dataset.check(config.input_columns() + config.returns_columns())
-    if config.beta > 0 or _estimates_off_policy(config, dataset):
-        check_episode_ids(dataset)   # ids two episodes share, before a run directory exists
+    naming the file and column); returns the spaces to train with (multi-agent: the env's
+    spaces by policy id)."""
+    if config.multiagent is not None and env_spaces is None:
+        raise ConfigError("multiagent", "an offline plan takes its policies' agents and spaces from the env: "
+                                        "name it (env: ...)")
+    datasets = open_inputs(config, None if config.multiagent is None else list(env_spaces))
+    for dataset in datasets.values():
+        dataset.check(config.input_columns() + config.returns_columns())
+        if config.beta > 0 or _estimates_off_policy(config, dataset):
+            check_episode_ids(dataset)   # ids two episodes share, before a run directory exists
+    if config.multiagent is not None:
+        for pid, dataset in datasets.items():
+            spaces_for(dataset, env_spaces[pid])
+        return env_spaces
     if env_spaces is None and config.input_fraction < 1:
         raise ConfigError("input_fraction", "< 1 mixes in live sampling, which needs an env")
     if env_spaces is None and config.num_workers > 0:
         raise ConfigError("num_workers", "rollout workers need an env; without one, use num_workers: 0")
-    return spaces_for(dataset, env_spaces)
+    return spaces_for(datasets["default_policy"], env_spaces)
 
 
 def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
-    dataset = open_policy(config.input, config.input_policy_id)
-    state = {"sqd_adv_norm": config.moving_average_sqd_adv_norm_start}
+    datasets = open_inputs(config, list(workers.policies), workers.policies_to_train)
+    start = config.moving_average_sqd_adv_norm_start
     input_rows = max(1, round(config.train_batch_size * config.input_fraction))
-    data = DatasetInput(dataset, config.input_columns(), batch_size=input_rows,
-                        shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed,
-                        num_epochs=config.input_num_epochs)
+    reading = dict(columns=config.input_columns(), batch_size=input_rows, shuffle_buffer_size=config.shuffle_buffer_size,
+                   seed=config.seed, num_epochs=config.input_num_epochs)
+    if workers.is_multi_agent:
+        data = MultiAgentDatasetInput(datasets, count_steps_by=config.count_steps_by, **reading)
+    else:
+        data = DatasetInput(datasets["default_policy"], **reading)
+    keys = {pid: f"policy/{pid}/sqd_adv_norm" if workers.is_multi_agent else "sqd_adv_norm" for pid in datasets}
+    state = {key: start for key in keys.values()}   # c^2, per policy
+    dataset = next(iter(datasets.values()))
     train_columns = ["obs", "actions"]
     if config.beta > 0:
-        data = data.then(AddReturnsToGo(EpisodeReturns.from_dataset(dataset, config.gamma), workers))
+        returns = {pid: EpisodeReturns.from_dataset(d, config.gamma) for pid, d in datasets.items()}
+        data = data.then(AddReturnsToGo(returns, workers))
         train_columns.append("value_targets")
     if input_rows < config.train_batch_size:
         fresh = (ParallelRollouts(workers)
@@ -176,8 +229,10 @@ def build_marwil_plan(workers: WorkerSet, config: MARWILConfig) -> Plan:
                  .then(ComputeAdvantages(config.gamma, lam=1.0)))  # value_targets: bootstrapped returns
         data = zip_streams(input=data, fresh=fresh, name="MixInput").map(_mix(train_columns), name="MixInput.concat")
 
+    policy_ids = {id(policy): pid for pid, policy in workers.policies.items()}
+
     def loss(policy, batch):
-        return marwil_loss(policy, batch, config, state)
+        return marwil_loss(policy, batch, config, state, keys[policy_ids[id(policy)]])
 
     train = (data.then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
              .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,

@@ -127,7 +127,7 @@ def test_agents_and_policies_that_do_not_meet_are_errors(section, message):
 
 
 @pytest.mark.parametrize("run, config, message", [
-    ("APPO", {}, "config.multiagent: APPO does not run multi-agent yet"),
+    ("MARWIL", {"input": "unused", "input_fraction": 0.5}, "config.input_fraction: must be 1 with multiagent"),
     ("PPO", {"env_wrappers": ["normalize"]}, "config.env_wrappers: is not supported with multiagent yet"),
     ("PPO", {"kl_target": 0.01}, "config.kl_target: is not supported with multiagent yet"),
     ("A2C", {"microbatch_size": 16}, "config.microbatch_size: is not supported with multiagent yet"),
