@@ -38,8 +38,6 @@ from flowrl.config import ConfigError, suggest
 KEY = "multiagent"
 POLICY_SETTINGS = ("model", "lr", "plan")  # what a policy may set for itself
 SHARED_POLICY = "shared"
-# Plan settings whose operators read one policy's statistics or gradients (A2C's microbatches, PPO's adaptive KL).
-SINGLE_AGENT_KEYS = ("microbatch_size", "kl_target")
 
 
 @dataclass

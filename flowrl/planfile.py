@@ -248,13 +248,9 @@ def parse_experiment(name: str, spec: dict[str, Any], where: str, source: str, s
 def _check_multiagent(plan, config, env: str, where: str) -> None:
     """config.multiagent against the plan and the env's agents: every agent maps to a policy,
     every policy has an agent (one env is made to learn its agents)."""
-    from flowrl.multi_agent import SINGLE_AGENT_KEYS, check_policy_plans, parse_multiagent
+    from flowrl.multi_agent import check_policy_plans, parse_multiagent
     from flowrl.plans import BUILTIN_PLANS
     from flowrl.multi_agent_env import make_multi_agent_env
-
-    for key in SINGLE_AGENT_KEYS:
-        if getattr(config, key, None) is not None:
-            raise ExperimentError(f"{where}: config.{key}: is not supported with multiagent yet")
 
     try:
         made = make_multi_agent_env(env, config.env_config)

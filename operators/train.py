@@ -93,7 +93,8 @@ class TrainOneStep(Map):
     """Runs `num_sgd_iter` passes of minibatch SGD on the learner policy (the local worker's)
     over each batch and yields the learner's statistics, averaged over the minibatches. A
     MultiAgentBatch trains each of the workers' policies_to_train on its own rows, with its own
-    optimizer; statistics are then under policy/<name>/.
+    optimizer; statistics are then under policy/<name>/, and the rows each policy trained are
+    counted in `policy/<name>/num_agent_steps_trained` (UpdateTargetNetwork's schedule).
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -145,6 +146,7 @@ class TrainOneStep(Map):
             stats = self._train(self.workers.policies[pid], policy_batch)
             out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
             self.counters["num_agent_steps_trained"] += len(policy_batch)
+            self.counters[f"policy/{pid}/num_agent_steps_trained"] += len(policy_batch)
             self.workers.trained_policies.add(pid)
         self.counters["num_env_steps_trained"] += batch.env_steps
         out["learn_time_s"] = time.perf_counter() - t0
@@ -191,8 +193,20 @@ class Gradients:
     num_rows: int
 
 
+@dataclass
+class MultiAgentGradients:
+    """Gradients of each policy to train for one MultiAgentBatch, and the env steps it covers."""
+
+    policy_gradients: dict[str, Gradients]
+    env_steps: int
+
+
 class ComputeGradients(Map):
-    """Computes the loss's gradients on a batch without applying them.
+    """Computes the loss's gradients on a batch without applying them. With `microbatch_size`,
+    the loss runs on microbatches of that many rows, one graph at a time, and the gradients are
+    their row-weighted mean (the full batch's for a mean loss; statistics: the microbatches'
+    mean). A MultiAgentBatch gives MultiAgentGradients: each policy to train with rows in it,
+    on its own rows.
 
     >>> import gymnasium as gym
     >>> workers = WorkerSet(env="CartPole-v1", rollout_fragment_length=4, seed=0)
@@ -203,18 +217,32 @@ class ComputeGradients(Map):
     (4, True)
     """
 
-    def __init__(self, workers: WorkerSet, loss_fn: LossFn):
+    def __init__(self, workers: WorkerSet, loss_fn: LossFn, microbatch_size: int | None = None):
         self.workers = workers
         self.loss_fn = loss_fn
+        self.microbatch_size = microbatch_size
 
-    def __call__(self, batch: SampleBatch) -> Gradients:
-        policy = self.workers.policy
+    def __call__(self, batch: SampleBatch | MultiAgentBatch) -> Gradients | MultiAgentGradients:
+        if isinstance(batch, MultiAgentBatch):
+            rows = {pid: batch.policy_batches.get(pid) for pid in self.workers.policies_to_train}
+            return MultiAgentGradients({pid: self._gradients(self.workers.policies[pid], b) for pid, b in rows.items()
+                                        if b is not None and len(b)}, batch.env_steps)
+        return self._gradients(self.workers.policy, batch)
+
+    def _gradients(self, policy: TorchPolicy, batch: SampleBatch) -> Gradients:
+        n = len(batch)
+        size = self.microbatch_size or n
+        tensors = batch_to_device(batch.to_torch(), policy.device)
+        all_stats = []
         policy.optimizer.zero_grad(set_to_none=True)
         with learner_threads(self.workers.learner_num_threads):
-            loss, stats = self.loss_fn(policy, batch_to_device(batch.to_torch(), policy.device))
-            loss.backward()
+            for start in range(0, n, size):
+                part = {k: v[start:start + size] for k, v in tensors.items()}
+                loss, stats = self.loss_fn(policy, part)
+                (loss * (min(size, n - start) / n)).backward()   # accumulates the row-weighted mean
+                all_stats.append(_floats(stats))
         grads = [None if p.grad is None else p.grad.detach().clone() for p in policy.model.parameters()]
-        return Gradients(grads, _floats(stats), len(batch))
+        return Gradients(grads, _mean_stats(all_stats), n)
 
 
 class AverageGradients(FlatMap):
@@ -248,6 +276,8 @@ class AverageGradients(FlatMap):
 
 class ApplyGradients(Map):
     """Applies Gradients with the learner's optimizer; yields the learner's statistics.
+    MultiAgentGradients: each policy's with its own optimizer, statistics under policy/<name>/;
+    the policies stepped are marked for UpdateWeights to send.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -268,12 +298,24 @@ class ApplyGradients(Map):
     def setup(self, ctx: PlanContext) -> None:
         self.counters = ctx.counters
 
-    def __call__(self, grads: Gradients) -> dict[str, float]:
-        policy = self.workers.policy
+    def __call__(self, grads: Gradients | MultiAgentGradients) -> dict[str, float]:
+        if isinstance(grads, MultiAgentGradients):
+            out = {}
+            for pid, policy_grads in grads.policy_gradients.items():
+                stats = self._apply(self.workers.policies[pid], policy_grads)
+                out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
+                self.counters["num_agent_steps_trained"] += policy_grads.num_rows
+                self.counters[f"policy/{pid}/num_agent_steps_trained"] += policy_grads.num_rows  # as TrainOneStep
+                self.workers.trained_policies.add(pid)
+            self.counters["num_env_steps_trained"] += grads.env_steps
+            return out
+        self.counters["num_env_steps_trained"] += grads.num_rows
+        return self._apply(self.workers.policy, grads)
+
+    def _apply(self, policy: TorchPolicy, grads: Gradients) -> dict[str, float]:
         for param, grad in zip(policy.model.parameters(), grads.grads):
             param.grad = grad
         norm = clip_and_step(policy, self.grad_clip)
-        self.counters["num_env_steps_trained"] += grads.num_rows
         stats = dict(grads.stats)
         if norm is not None:
             stats["grad_norm"] = norm
@@ -351,8 +393,12 @@ class UpdateTargetNetwork(Map):
     its critics), else `policy.model`; the target is a copy of it made on first use. Passes its
     input on and reports the number of updates. Multi-agent: the policies `policy_ids` names
     (APPO: every policy to train), by default every policy to train that has a target network
-    (a replay policy; not a PPO one beside it), are updated at once, on the trained env steps,
-    or agent steps with count_steps_by: agent_steps.
+    (a replay policy; not a PPO one beside it), are each updated every `every_steps` rows that
+    policy trained (`policy/<name>/num_agent_steps_trained`, TrainOneStep's count), so a PPO
+    learner beside a DQN one does not hasten the DQN's copies. Each policy's schedule is in
+    `policy/<name>/last_target_update_step` and `policy/<name>/num_target_updates`; the plan's
+    `num_target_updates` counts every policy's updates and `last_target_update_step` is the
+    plan's trained steps at the latest one.
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream
@@ -379,34 +425,42 @@ class UpdateTargetNetwork(Map):
         for key in ("last_target_update_step", "num_target_updates"):
             ctx.counters.setdefault(key, 0)
         policies = self.workers.policies
+        self.trained = self.workers.steps_counter.replace("_sampled", "_trained")
+        # (policy, counter prefix of its schedule, counter its schedule follows)
         if self.workers.is_multi_agent:
             ids = self.policy_ids
             if ids is None:
                 ids = [p for p in self.workers.policies_to_train if hasattr(policies[p], "target_model")]
-            self.policies = [policies[p] for p in ids]
+            self.schedules = [(policies[p], f"policy/{p}/", f"policy/{p}/num_agent_steps_trained") for p in ids]
+            for _, prefix, _ in self.schedules:
+                for key in ("last_target_update_step", "num_target_updates"):
+                    ctx.counters.setdefault(prefix + key, 0)
         else:
-            self.policies = [self.workers.policy]
-        for policy in self.policies:
+            self.schedules = [(self.workers.policy, "", self.trained)]
+        for policy, _, _ in self.schedules:
             if getattr(policy, "target_model", None) is None:
                 policy.target_model = copy.deepcopy(_target_source(policy)).requires_grad_(False)
-        self.trained = self.workers.steps_counter.replace("_sampled", "_trained")
 
     def __call__(self, item: Any) -> Any:
         # The step of the last update and the update count are plan counters, so that a resumed
         # run keeps the target network's schedule.
         counters = self.ctx.counters
-        trained = counters[self.trained]
-        if trained - counters["last_target_update_step"] >= self.every_steps:
-            for policy in self.policies:
-                source, target = _target_source(policy), policy.target_model
-                if self.tau == 1.0:
-                    target.load_state_dict(source.state_dict())
-                else:
-                    with torch.no_grad():
-                        for theta_target, theta in zip(target.parameters(), source.parameters()):
-                            theta_target.lerp_(theta, self.tau)
-            counters["last_target_update_step"] = trained
-            counters["num_target_updates"] += 1
+        for policy, prefix, steps_key in self.schedules:
+            trained = counters[steps_key]
+            if trained - counters[prefix + "last_target_update_step"] < self.every_steps:
+                continue
+            source, target = _target_source(policy), policy.target_model
+            if self.tau == 1.0:
+                target.load_state_dict(source.state_dict())
+            else:
+                with torch.no_grad():
+                    for theta_target, theta in zip(target.parameters(), source.parameters()):
+                        theta_target.lerp_(theta, self.tau)
+            counters[prefix + "last_target_update_step"] = trained
+            counters[prefix + "num_target_updates"] += 1
+            if prefix:  # multi-agent: the plan's totals as well
+                counters["last_target_update_step"] = counters[self.trained]
+                counters["num_target_updates"] += 1
         return item
 
 

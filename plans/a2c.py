@@ -3,18 +3,18 @@
     L = -E[log pi(a_t|s_t) A_t] + c_vf 1/2 E[(V(s_t) - V_target_t)^2] - c_ent H[pi]
 
 A_t from GAE(lambda) (lambda = 1: discounted returns) or n-step returns. With
-`microbatch_size`, gradients are computed per microbatch and averaged before the step.
+`microbatch_size`, gradients are computed per microbatch and averaged before the step
+(multi-agent: each policy's over its own rows, stepped by its own optimizer).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from flowrl.config import CommonConfig, ConfigError
-from flowrl.operators import (ApplyGradients, AverageGradients, ComputeAdvantages, ComputeGradients, Gather,
-                              LearningRateSchedule, ParallelRollouts, StandardizeFields, StandardMetricsReporting,
-                              TrainOneStep, UpdateWeights)
+from flowrl.operators import (ApplyGradients, ComputeAdvantages, ComputeGradients, Gather, LearningRateSchedule,
+                              ParallelRollouts, StandardizeFields, StandardMetricsReporting, TrainOneStep,
+                              UpdateWeights)
 from flowrl.plan import Plan
 from flowrl.rollout import WorkerSet
 
@@ -61,11 +61,7 @@ def build_a2c_plan(workers: WorkerSet, config: A2CConfig) -> Plan:
     if config.microbatch_size is None:
         train = train.then(TrainOneStep(workers, loss, grad_clip=config.grad_clip))
     else:
-        rows = max(workers.num_remote_workers, 1) * config.num_envs_per_worker * config.rollout_fragment_length
-        size = config.microbatch_size
-        train = (train.flat_map(lambda b: [b[i:i + size] for i in range(0, len(b), size)], name="Microbatches")
-                 .then(ComputeGradients(workers, loss))
-                 .then(AverageGradients(math.ceil(rows / size)))
+        train = (train.then(ComputeGradients(workers, loss, config.microbatch_size))
                  .then(ApplyGradients(workers, config.grad_clip)))
     train = train.then(UpdateWeights(workers))
     return Plan(train, report=StandardMetricsReporting(), min_time_s=config.min_time_s_per_iteration, name="A2C")

@@ -7,11 +7,15 @@ Loss per minibatch, with r_t = pi(a_t|s_t) / pi_old(a_t|s_t) and advantages A_t 
 
 With `kl_target`, beta adapts after each training step as RLlib does (x1.5 when the KL is
 above twice the target, x0.5 below half of it), starting from `kl_coeff`, or from 0.2
-(RLlib's default) when `kl_coeff` is 0: a multiplicative update never leaves 0.
+(RLlib's default) when `kl_coeff` is 0: a multiplicative update never leaves 0. Multi-agent,
+each policy to train has its own beta, adapted from its own KL and reported as
+policy/<name>/kl_coeff; plan state keeps it as kl_coeff/<name> (`kl_state_key`), so a
+checkpoint restores it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,12 +89,23 @@ def ppo_loss(policy, batch: dict[str, torch.Tensor], config: PPOConfig, clip_par
                         "entropy": entropy, "kl": approx_kl, "clip_fraction": clip_fraction}
 
 
+def kl_state_key(policy_id: str | None) -> str:
+    """Where plan state keeps a KL coefficient: kl_coeff single-agent (policy_id None),
+    kl_coeff/<policy id> multi-agent."""
+    return "kl_coeff" if policy_id is None else f"kl_coeff/{policy_id}"
+
+
+def _stat_key(policy_id: str | None, name: str) -> str:
+    """A statistic's name in results: as is single-agent, policy/<id>/<name> multi-agent."""
+    return name if policy_id is None else f"policy/{policy_id}/{name}"
+
+
 class ClipSchedule(Map):
     """Sets this iteration's clip range from the env steps sampled so far; reports it with the
-    KL coefficient in use."""
+    KL coefficients in use (`policy_ids`: the policies that have one; [None]: single-agent)."""
 
-    def __init__(self, config: PPOConfig, state: dict):
-        self.config, self.state = config, state
+    def __init__(self, config: PPOConfig, state: dict, policy_ids: Sequence[str | None]):
+        self.config, self.state, self.policy_ids = config, state, policy_ids
 
     def setup(self, ctx: PlanContext) -> None:
         self.ctx = ctx
@@ -98,21 +113,29 @@ class ClipSchedule(Map):
     def __call__(self, batch):
         steps = self.ctx.counters["num_env_steps_sampled"]
         self.state["clip_param"] = schedule_value(self.config.clip_param_schedule, steps, self.config.clip_param)
-        self.ctx.info.update(clip_param=self.state["clip_param"], kl_coeff=self.state["kl_coeff"])
+        self.ctx.info["clip_param"] = self.state["clip_param"]
+        for pid in self.policy_ids:
+            self.ctx.info[_stat_key(pid, "kl_coeff")] = self.state[kl_state_key(pid)]
         return batch
 
 
 class AdaptKL(Map):
-    """Moves kl_coeff towards kl_target after each training step (as in the PPO paper)."""
+    """Moves each KL coefficient towards kl_target after each training step (as in the PPO
+    paper), by its own policy's `kl` statistic; a policy not trained in this step (no rows)
+    keeps its coefficient. `policy_ids`: as ClipSchedule's."""
 
-    def __init__(self, config: PPOConfig, state: dict):
-        self.config, self.state = config, state
+    def __init__(self, config: PPOConfig, state: dict, policy_ids: Sequence[str | None] = (None,)):
+        self.config, self.state, self.policy_ids = config, state, policy_ids
 
     def __call__(self, stats: dict) -> dict:
-        if stats["kl"] > 2.0 * self.config.kl_target:
-            self.state["kl_coeff"] *= 1.5
-        elif stats["kl"] < 0.5 * self.config.kl_target:
-            self.state["kl_coeff"] *= 0.5
+        for pid in self.policy_ids:
+            kl, key = stats.get(_stat_key(pid, "kl")), kl_state_key(pid)
+            if kl is None:
+                continue
+            if kl > 2.0 * self.config.kl_target:
+                self.state[key] *= 1.5
+            elif kl < 0.5 * self.config.kl_target:
+                self.state[key] *= 0.5
         return stats
 
 
@@ -123,10 +146,13 @@ def build_ppo_plan(workers: WorkerSet, config: PPOConfig) -> Plan:
     kl_coeff = config.kl_coeff
     if config.kl_target is not None and kl_coeff == 0:
         kl_coeff = INITIAL_ADAPTIVE_KL_COEFF
-    state = {"kl_coeff": kl_coeff, "clip_param": config.clip_param}
+    policy_ids = list(workers.policies_to_train) if workers.is_multi_agent else [None]
+    state = {kl_state_key(pid): kl_coeff for pid in policy_ids}
+    state["clip_param"] = config.clip_param
 
     def loss(policy, batch):
-        return ppo_loss(policy, batch, config, state["clip_param"], state["kl_coeff"])
+        pid = next(name for name, p in workers.policies.items() if p is policy) if workers.is_multi_agent else None
+        return ppo_loss(policy, batch, config, state["clip_param"], state[kl_state_key(pid)])
 
     train = (ParallelRollouts(workers, Gather.SYNC)
              .then(ConcatBatches(min_batch_size=config.train_batch_size))
@@ -134,11 +160,11 @@ def build_ppo_plan(workers: WorkerSet, config: PPOConfig) -> Plan:
     if config.normalize_advantages:
         train = train.then(StandardizeFields(["advantages"]))
     train = (train.then(LearningRateSchedule(workers, config.lr, config.lr_schedule))
-             .then(ClipSchedule(config, state))
+             .then(ClipSchedule(config, state, policy_ids))
              .then(TrainOneStep(workers, loss, config.num_sgd_iter, config.sgd_minibatch_size, config.grad_clip,
                                 seed=config.seed)))
     if config.kl_target is not None:
-        train = train.then(AdaptKL(config, state))
+        train = train.then(AdaptKL(config, state, policy_ids))
     train = train.then(UpdateWeights(workers))
     return Plan(train, report=StandardMetricsReporting(), min_time_s=config.min_time_s_per_iteration,
                 name="PPO", state=state)

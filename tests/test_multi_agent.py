@@ -129,8 +129,6 @@ def test_agents_and_policies_that_do_not_meet_are_errors(section, message):
 @pytest.mark.parametrize("run, config, message", [
     ("MARWIL", {"input": "unused", "input_fraction": 0.5}, "config.input_fraction: must be 1 with multiagent"),
     ("PPO", {"env_wrappers": ["normalize"]}, "config.env_wrappers: is not supported with multiagent yet"),
-    ("PPO", {"kl_target": 0.01}, "config.kl_target: is not supported with multiagent yet"),
-    ("A2C", {"microbatch_size": 16}, "config.microbatch_size: is not supported with multiagent yet"),
 ])
 def test_what_is_not_multi_agent_yet_is_refused_in_one_line(run, config, message):
     with pytest.raises(flowrl.ExperimentError, match=message):

@@ -117,7 +117,7 @@ def test_buffer_state_holds_every_policy_and_restores_it(tmp_path):
 
 
 # ---- target networks, exploration, evaluation --------------------------------------------------------
-def test_target_networks_of_the_policies_to_train_follow_trained_agent_steps():
+def test_target_networks_of_the_policies_to_train_follow_their_own_trained_rows():
     workers = WorkerSet(env=CARTPOLE, env_config={"num_agents": 3}, seed=0, policy="QPolicy",
                         count_steps_by="agent_steps",
                         multiagent={"policy_mapping": "independent", "policies_to_train": ["agent_0", "agent_1"]})
@@ -127,11 +127,16 @@ def test_target_networks_of_the_policies_to_train_follow_trained_agent_steps():
         for p in policies.values():
             for param in p.model.parameters():
                 param.data.add_(1.0)  # the online networks move away from their targets
-        plan.ctx.counters["num_env_steps_trained"] = 50   # not what agent_steps counts
-        plan.ctx.counters["num_agent_steps_trained"] = 150
+        plan.ctx.counters["num_env_steps_trained"] = 50   # not what the schedules follow
+        plan.ctx.counters["num_agent_steps_trained"] = 250
+        plan.ctx.counters["policy/agent_0/num_agent_steps_trained"] = 150
+        plan.ctx.counters["policy/agent_1/num_agent_steps_trained"] = 100
         result = plan.step()
-    assert result["num_target_updates"] == 1 and result["last_target_update_step"] == 150
+    assert result["num_target_updates"] == 2 and result["last_target_update_step"] == 250
+    assert result["policy/agent_0/last_target_update_step"] == 150
+    assert result["policy/agent_1/last_target_update_step"] == 100
     for pid in ("agent_0", "agent_1"):
+        assert result[f"policy/{pid}/num_target_updates"] == 1
         model, target = policies[pid].model.state_dict(), policies[pid].target_model.state_dict()
         assert all(torch_equal(model[k], target[k]) for k in model)
     assert policies["agent_2"].target_model is None  # frozen: no target network
