@@ -224,11 +224,11 @@ def learning(tmp: Path) -> dict:
     out["ppo"] = {"episode_return_mean": result["episode_return_mean"], "env_steps": result["timesteps_total"],
                   "seconds": time.perf_counter() - t0}
 
+    from flowrl.planfile import load_yaml
+
+    spec = load_yaml((ROOT / "examples" / "dqn_cartpole_external.yaml").read_text())["cartpole-dqn-external"]
     source, workers, cfg = make_server(
-        DQNConfig, lr=0.0023, model={"hidden": [64, 64], "activation": "relu"}, train_batch_size=64,
-        replay_buffer_capacity=100_000, learning_starts=1000, n_step=3, training_intensity=32,
-        target_network_update_freq=8192,
-        exploration_schedule=[[0, 0.0]], timesteps_per_iteration=1000)
+        DQNConfig, **{k: v for k, v in spec["config"].items() if k not in ("input", "external")})
     plan = build_dqn_plan(workers, cfg)
     t0 = time.perf_counter()
     greedy_at = None
