@@ -143,11 +143,12 @@ def marwil_loss(policy, batch: dict[str, torch.Tensor], config: MARWILConfig, st
 class AddReturnsToGo(Map):
     """Adds `value_targets`: each row's discounted return-to-go in its recorded episode,
     bootstrapped with the learner's current V(s_T) where the episode did not terminate.
-    `returns` is by policy id (single-agent: "default_policy"); a MultiAgentBatch's policies
-    each look up their own, with their own V."""
+    `returns`: one dataset's EpisodeReturns, or a dict of them by policy id for a multi-agent
+    recording, whose MultiAgentBatches' policies each look up their own, with their own V."""
 
-    def __init__(self, returns: dict[str, EpisodeReturns], workers: WorkerSet):
-        self.returns, self.workers = returns, workers
+    def __init__(self, returns: EpisodeReturns | dict[str, EpisodeReturns], workers: WorkerSet):
+        self.returns = returns if isinstance(returns, dict) else {"default_policy": returns}
+        self.workers = workers
 
     def __call__(self, batch: SampleBatch | MultiAgentBatch) -> SampleBatch | MultiAgentBatch:
         if isinstance(batch, MultiAgentBatch):
