@@ -193,8 +193,10 @@ def _load_team_policy(checkpoint: Path, state: dict[str, Any], env: str, plan_na
                                      model=config.get("model"), seed=0, sample=False, num_threads=None,
                                      policy=policy_class, policy_config=options)
     for pid, like in _added_policies(checkpoint).items():  # self-play snapshots: copies, weights below
-        if like in worker.policies:
-            worker.add_policy(pid, like)
+        if like not in worker.policies:
+            raise ExperimentError(f"{checkpoint}: added policy {pid!r} is a copy of {like!r}, which the run has no "
+                                  "policy of")
+        worker.add_policy(pid, like)
     team = worker.policies
     if policy_id is None or policy_id not in team:
         given = "give one" if policy_id is None else f"it has no policy {policy_id!r}"

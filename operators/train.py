@@ -231,7 +231,7 @@ class ComputeGradients(Map):
 
     def _gradients(self, policy: TorchPolicy, batch: SampleBatch) -> Gradients:
         n = len(batch)
-        size = self.microbatch_size or n
+        size = self.microbatch_size or max(n, 1)
         tensors = batch_to_device(batch.to_torch(), policy.device)
         all_stats = []
         policy.optimizer.zero_grad(set_to_none=True)
@@ -328,7 +328,8 @@ class UpdateWeights(Map):
     to a worker that has yet to take the last ones it was sent (it is busy sampling): it gets a
     later version instead of a queue of versions each replacing the last. Passes
     its input on unchanged and reports `weights_version`. Multi-agent: only the policies trained
-    since the last update are sent, each with a version of its own (policy/<name>/weights_version).
+    since the last update are sent, each with a version of its own (policy/<name>/weights_version),
+    to every worker (a push of some policies cannot be skipped for a later one).
 
     >>> from flowrl.plan import Plan
     >>> from flowrl.stream import Stream

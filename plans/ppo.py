@@ -129,7 +129,8 @@ class AdaptKL(Map):
 
     def __call__(self, stats: dict) -> dict:
         for pid in self.policy_ids:
-            kl, key = stats.get(_stat_key(pid, "kl")), kl_state_key(pid)
+            # Single-agent the loss must report `kl`; a policy with no rows in this step has none.
+            kl, key = (stats["kl"] if pid is None else stats.get(_stat_key(pid, "kl"))), kl_state_key(pid)
             if kl is None:
                 continue
             if kl > 2.0 * self.config.kl_target:
