@@ -382,12 +382,14 @@ def _main(argv: list[str] | None) -> int:
 
 
 def entry() -> None:
-    """The `flowrl` command: main(), then exit. A `ray.init` still waiting on a cluster that never
-    answered (its thread is abandoned after --connect-timeout or Ctrl-C) can crash the
-    interpreter's finalization inside Ray's C++ client (std::bad_alloc, exit -6), so then the
-    process leaves at once, after flushing what it printed."""
+    """The `flowrl` command: main(), then exit. After a `ray.init` given up on (a cluster that
+    never answered: its thread abandoned after --connect-timeout or Ctrl-C), the interpreter's
+    finalization can crash inside Ray's C++ client (std::bad_alloc, exit -6; or a segfault, -11,
+    once the thread has ended), so then the process leaves at once, after flushing what it printed."""
+    from flowrl.executors import abandoned_joins
+
     code = main()
-    if any(t.name == "ray-join" and t.is_alive() for t in threading.enumerate()):
+    if abandoned_joins or any(t.name == "ray-join" and t.is_alive() for t in threading.enumerate()):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

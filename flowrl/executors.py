@@ -487,6 +487,11 @@ class _CapturedStderr:
         self._file.close()
 
 
+# ray.init threads given up on (timed out or interrupted): Ray's C++ client they leave behind
+# can crash the interpreter's finalization, even once the thread has ended (flowrl.cli.entry).
+abandoned_joins: list[threading.Thread] = []
+
+
 def join_cluster(address: str, timeout_s: float, **init_kwargs: Any) -> None:
     """`ray.init(address=...)` that gives up within about `timeout_s` with a ClusterConnectError
     naming the address, the reason and what to try, and that takes a local token along."""
@@ -521,10 +526,14 @@ def join_cluster(address: str, timeout_s: float, **init_kwargs: Any) -> None:
             deadline = time.monotonic() + timeout_s + 5  # Ray's own retries end first, with a reason
             while joining.is_alive() and time.monotonic() < deadline:
                 joining.join(0.1)
+    except BaseException:  # Ctrl-C while waiting
+        abandoned_joins.append(joining)
+        raise
     finally:
         if chosen is None:
             os.environ.pop(retries, None)
     if joining.is_alive():
+        abandoned_joins.append(joining)
         raise ClusterConnectError(f"cannot join the Ray cluster at {address}: the port answers but no Ray GCS replied "
                                   f"within {timeout_s:g} s; {_JOIN_HINT}")
     error = outcome.get("error")
