@@ -96,17 +96,20 @@ class MultiAgentSpec:
         return MultiAgentSetup(ids, {p: dict(policies[p]) for p in ids}, fn, list(to_train))
 
 
-def policy_spaces(env: Any, setup: MultiAgentSetup) -> dict[str, dict[str, Any]]:
-    """{policy id: obs/new_obs/actions spaces}: those of the first of the env's agents mapped to
-    each policy (the rollout worker builds the policy from them); a policy no agent maps to at
-    the start (a mapping function's) gets the first agent's."""
-    agents = list(env.possible_agents)
-    first = {}
+def first_agents(agents: list[str], setup: MultiAgentSetup) -> dict[str, str]:
+    """{policy id: the agent whose spaces it takes}: the first of `agents` mapped to it, or, for
+    a policy no agent maps to at the start (a mapping function's), the first agent."""
+    first: dict[str, str] = {}
     for agent in agents:
         first.setdefault(setup.mapping(agent, 0), agent)
+    return {pid: first.get(pid, agents[0]) for pid in setup.policy_ids}
+
+
+def policy_spaces(env: Any, setup: MultiAgentSetup) -> dict[str, dict[str, Any]]:
+    """{policy id: obs/new_obs/actions spaces}: those of its `first_agents` agent, from which the
+    rollout worker builds the policy."""
     out = {}
-    for pid in setup.policy_ids:
-        agent = first.get(pid, agents[0])
+    for pid, agent in first_agents(list(env.possible_agents), setup).items():
         obs = env.observation_space(agent)
         out[pid] = {"obs": obs, "new_obs": obs, "actions": env.action_space(agent)}
     return out

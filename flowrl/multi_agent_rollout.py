@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from flowrl.config import ConfigError
 from flowrl.envs import EnvFaultError, describe_error
-from flowrl.multi_agent import MultiAgentSetup, checked_mapping, parse_multiagent, policy_class_of
+from flowrl.multi_agent import MultiAgentSetup, checked_mapping, first_agents, parse_multiagent, policy_class_of
 from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.policy import make_policy, obs_to_array
 from flowrl.policy_stack import PolicyStack, stacks
@@ -108,13 +108,11 @@ class MultiAgentRolloutWorker:
         self.setup: MultiAgentSetup = parse_multiagent(multiagent).resolve(self.agent_names)
         # A policy's spaces are those of the first agent mapped to it; every agent it gets must match.
         self.policies = dict(policies or {})
-        first_agent = {}
-        for agent in self.agent_names:
-            first_agent.setdefault(self.setup.mapping(agent, 0), agent)
+        first_agent = first_agents(self.agent_names, self.setup)
         for k, pid in enumerate(self.setup.policy_ids):
             if pid in self.policies:
                 continue
-            agent = first_agent.get(pid, self.agent_names[0])
+            agent = first_agent[pid]
             settings = self.setup.settings[pid]
             policy_class, options = policy_class_of(settings, policy, policy_config)  # a policy's own `plan`
             self.policies[pid] = make_policy(
