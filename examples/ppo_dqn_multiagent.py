@@ -109,7 +109,7 @@ def build_plan(workers, config: PPODQNConfig) -> Plan:
     dqn_train = (Replay(buffer, dqn.train_batch_size, learning_starts=dqn.learning_starts, beta_schedule=beta)
                  .then(TrainOneStep(workers, lambda p, b: dqn_loss(p, b, dqn), grad_clip=dqn.grad_clip, seed=dqn.seed))
                  .then(UpdatePriorities(buffer))
-                 .then(UpdateTargetNetwork(workers, dqn.target_network_update_freq)))
+                 .then(UpdateTargetNetwork(workers, dqn.target_network_update_freq, dqn.tau)))
 
     train = Concurrently({"ppo": ppo_train, "store": dqn_store, "dqn": dqn_train}, output=["ppo", "dqn"],
                          round_robin_weights={"ppo": 1, "store": joined, "dqn": joined * replays})

@@ -291,6 +291,7 @@ def test_checkpoint_resume_and_eval_of_a_dqn_run(tmp_path, capsys):
     ("CartPole-v1", {"replay_buffer_capacity": 500, "learning_starts": 1000}, "config.replay_buffer_capacity: 500"),
     ("CartPole-v1", {"exploration_schedule": [[1000, 0.1], [0, 1.0]]}, "config.exploration_schedule: timesteps"),
     ("CartPole-v1", {"exploration_schedule": [[0, 1.5]]}, "config.exploration_schedule: epsilons must be in [0, 1]"),
+    ("CartPole-v1", {"tau": 0}, "config.tau: must be in (0, 1], got 0"),
     ("CartPole-v1", {"replay_buffer_capacity": 10 ** 13}, "config.replay_buffer_capacity: 10,000,000,000,000 rows"),
 ])
 def test_bad_dqn_input_is_one_line_naming_file_experiment_and_key(tmp_path, capsys, env, config, key):
