@@ -36,7 +36,6 @@ class DQNConfig(ReplayConfig):
     learning_starts: int = 1000
     training_intensity: float | None = 16.0  # rows trained per env step sampled
     target_network_update_freq: int = 8_000  # trained env steps (rows) between target network updates
-    tau: float = 1.0                         # each update: target <- tau * online + (1 - tau) * target (1: a copy)
     exploration_schedule: list = field(default_factory=lambda: [[0, 1.0], [10_000, 0.02]])  # [[timestep, epsilon]]
     double_q: bool = True
     dueling: bool = True
@@ -46,8 +45,6 @@ class DQNConfig(ReplayConfig):
         super().validate()
         if self.target_network_update_freq < 1:
             raise ConfigError("target_network_update_freq", f"must be >= 1, got {self.target_network_update_freq}")
-        if not 0 < self.tau <= 1:
-            raise ConfigError("tau", f"must be in (0, 1], got {self.tau}")
         check_schedule("exploration_schedule", self.exploration_schedule)
         for _, epsilon in self.exploration_schedule:
             if not 0 <= epsilon <= 1:
@@ -99,7 +96,7 @@ def build_dqn_plan(workers: WorkerSet, config: DQNConfig) -> Plan:
     def loss(policy, batch):
         return dqn_loss(policy, batch, config)
 
-    return build_replay_plan(workers, config, loss, "DQN", config.target_network_update_freq, tau=config.tau,
+    return build_replay_plan(workers, config, loss, "DQN", config.target_network_update_freq,
                              explore=ExplorationSchedule(workers, config.exploration_schedule))
 
 

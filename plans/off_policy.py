@@ -38,6 +38,7 @@ class ReplayConfig(CommonConfig):
     grad_clip: float | None = None
     replay_buffer_capacity: int = 100_000    # rows (transitions)
     n_step: int = 1                          # n-step returns, computed when rows are stored
+    tau: float = 1.0                         # each target update: target <- tau * online + (1 - tau) * target
     prioritized_replay: bool = False
     prioritized_replay_alpha: float = 0.6
     prioritized_replay_beta: float = 0.4
@@ -58,6 +59,8 @@ class ReplayConfig(CommonConfig):
                     "evaluation_num_episodes"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.tau <= 1:
+            raise ConfigError("tau", f"must be in (0, 1], got {self.tau}")
         if not 1 <= self.metrics_num_episodes_for_smoothing <= 100:
             raise ConfigError("metrics_num_episodes_for_smoothing",
                               f"must be in [1, 100], got {self.metrics_num_episodes_for_smoothing}")
@@ -161,7 +164,7 @@ class ReportReplayMemory(Map):
 
 
 def build_replay_plan(workers: WorkerSet, config: ReplayConfig, loss: Callable, name: str,
-                      target_update_every: int, tau: float = 1.0, explore: Map | None = None) -> Plan:
+                      target_update_every: int, explore: Map | None = None) -> Plan:
     """The two-stream plan around `loss` (which returns per-row `td_error` and
     `batch_indexes` under prioritized replay)."""
     buffer = ReplayBuffer(config.replay_buffer_capacity, n_step=config.n_step, gamma=config.gamma,
@@ -188,7 +191,7 @@ def build_replay_plan(workers: WorkerSet, config: ReplayConfig, loss: Callable, 
     train = (Replay(buffer, config.train_batch_size, learning_starts=config.learning_starts, beta_schedule=beta)
              .then(TrainOneStep(workers, loss, grad_clip=config.grad_clip, seed=config.seed))
              .then(UpdatePriorities(buffer))   # a uniform buffer: nothing to update
-             .then(UpdateTargetNetwork(workers, target_update_every, tau)))
+             .then(UpdateTargetNetwork(workers, target_update_every, config.tau)))
 
     weights = weights_for_training_intensity(config.training_intensity, config.rows_per_sample(),
                                              config.train_batch_size)

@@ -41,8 +41,6 @@ class SACConfig(ReplayConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.tau <= 1:
-            raise ConfigError("tau", f"must be in (0, 1], got {self.tau}")
         if not self.initial_alpha > 0:
             raise ConfigError("initial_alpha", f"must be > 0, got {self.initial_alpha}")
         if isinstance(self.target_entropy, str) and self.target_entropy != "auto":
@@ -104,7 +102,7 @@ def build_sac_plan(workers: WorkerSet, config: SACConfig) -> Plan:
         return sac_loss(policy, batch, config)
 
     # every_steps=1: a Polyak step after every gradient step (each one trains >= 1 row).
-    return build_replay_plan(workers, config, loss, "SAC", target_update_every=1, tau=config.tau)
+    return build_replay_plan(workers, config, loss, "SAC", target_update_every=1)
 
 
 build_sac_plan.config_class = SACConfig
