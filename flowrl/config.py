@@ -71,7 +71,7 @@ class CommonConfig:
     # The learner (flowrl.device): rollout workers always act on the CPU
     num_gpus: float = 0.0                    # GPUs the learner reserves (Ray Tune: in the trial's bundle)
     learner_device: str = "auto"             # auto (cuda when num_gpus > 0 and CUDA is there) | cpu | cuda | cuda:N
-    num_learner_threads: int | None = None   # torch threads of the learner; null: the cores the workers leave
+    num_learner_threads: int | None = None   # torch threads of the learner; null: flowrl.device.default_learner_threads
     # Experience from external applications (connectors.external) instead of sampling `env`
     input: str | None = None                 # null: workers sample env; external: a policy server for clients
     external: dict = field(default_factory=dict)  # its settings (flowrl.wire.ExternalConfig): host, port, ...

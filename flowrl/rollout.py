@@ -424,7 +424,8 @@ class WorkerSet:
                                        sample=num_workers == 0 and worker_kwargs.get("env") is not None)
         if learner_device is not None:  # remote workers stay on the CPU
             self.local_worker.use_learner_device(learner_device)
-        self.learner_num_threads = learner_num_threads or default_learner_threads(num_workers, num_cpus_per_worker)
+        self.learner_num_threads = learner_num_threads or default_learner_threads(
+            num_workers, num_cpus_per_worker, acting_in_turn=num_workers == 0 and input_source is None)
         self.remote_workers = ActorSet(worker_cls, num_workers, kwargs=worker_kwargs, name=worker_cls.__name__,
                                        max_restarts=max_restarts, num_cpus_per_actor=num_cpus_per_worker,
                                        index_offset=1,  # index 0 is the local worker

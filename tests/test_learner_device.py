@@ -3,6 +3,7 @@ runs with `learner_device: cpu` through the code path a GPU learner takes
 (benchmarks/device_check.sh runs the CUDA side on a machine with a GPU)."""
 
 import copy
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -167,6 +168,21 @@ def test_the_learner_computes_with_its_threads_and_the_acting_worker_keeps_one()
                                                                (4, 0.5, 16, 13), (8, 1.0, 8, 1)])
 def test_the_learner_takes_the_cores_the_workers_and_acting_leave(num_workers, cpus, cores, threads):
     assert default_learner_threads(num_workers, cpus, cores) == threads
+
+
+def test_a_learner_that_takes_turns_with_the_driver_s_acting_takes_every_core(monkeypatch):
+    assert default_learner_threads(0, 1.0, 2, acting_in_turn=True) == 2
+    assert default_learner_threads(0, 1.0, 16, acting_in_turn=True) == 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # Ray sets it to an actor's num_cpus
+    assert default_learner_threads(0, 1.0, acting_in_turn=True) == 3
+    assert default_learner_threads(1, 1.0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert default_learner_threads(0, 1.0, acting_in_turn=True) == len(os.sched_getaffinity(0))
+
+
+def test_the_local_worker_learns_on_every_core_unless_remote_workers_or_clients_share_them():
+    assert WorkerSet(env="CartPole-v1", seed=0).learner_num_threads == default_learner_threads(0, 1.0, acting_in_turn=True)
+    assert WorkerSet(env="CartPole-v1", seed=0, learner_num_threads=1).learner_num_threads == 1
 
 
 # ---- the Nature CNN -----------------------------------------------------------------------------
