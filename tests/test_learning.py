@@ -46,3 +46,21 @@ def test_ppo_learns_minatar_breakout_from_image_shaped_observations(tmp_path):
     pytest.importorskip("minatar")
     result = train("ppo_minatar_breakout", tmp_path)
     assert result["timesteps_total"] >= 80_000 and result["episode_return_mean"] >= 1.0
+
+
+@pytest.mark.parametrize("name", ["ppo_halfcheetah", "sac_halfcheetah"])
+def test_the_mujoco_examples_train_on_halfcheetah(tmp_path, name):
+    """A smoke run of the files benchmarks/mujoco.py runs at 1M (PPO) and 100k (SAC) env steps:
+    one PPO batch of 2,048 rows (counted once, though trained for 10 epochs), or SAC with
+    learning_starts brought down to 1,000 and whole minibatches of 256 after it, at most one
+    per env step sampled (training_intensity 256)."""
+    pytest.importorskip("mujoco")
+    steps = 2048 if name.startswith("ppo") else 1200
+    overrides = [("stop.timesteps_total", steps)] + ([("config.learning_starts", 1000)] if name.startswith("sac") else [])
+    result = train(name, tmp_path, overrides=overrides)
+    assert result["timesteps_total"] >= steps
+    trained = result["num_env_steps_trained"]
+    if name.startswith("ppo"):
+        assert trained == 2048
+    else:
+        assert trained > 0 and trained % 256 == 0 and trained <= 256 * result["timesteps_total"], trained
