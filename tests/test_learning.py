@@ -3,8 +3,8 @@ budgets) is benchmarks/learning.py. On the local executor a seeded run is determ
 
 Each bound sits below what seeds 0, 1 and 2 all reach within the budget (measured with
 `benchmarks/learning.py --budgets ci`): A2C 463 / 407 at 150k steps (seed 2 stops at 479 after
-135k), APPO (2 workers, local executor) 401 / 326 / 344 at 60k, PPO on Pendulum -289 / -228 /
--260 at 100k; random play scores about 22 on CartPole and -1200 on Pendulum."""
+135k), APPO (2 workers, local executor, examples/appo_cartpole.yaml's 8 epochs) 424 / 439 / 422
+at 60k, PPO on Pendulum -289 / -228 / -260 at 100k; random play scores about 22 on CartPole and -1200 on Pendulum."""
 
 from pathlib import Path
 
