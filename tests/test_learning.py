@@ -4,7 +4,8 @@ budgets) is benchmarks/learning.py. On the local executor a seeded run is determ
 Each bound sits below what seeds 0, 1 and 2 all reach within the budget (measured with
 `benchmarks/learning.py --budgets ci`): A2C 463 / 407 at 150k steps (seed 2 stops at 479 after
 135k), APPO (2 workers, local executor, examples/appo_cartpole.yaml's 8 epochs) 424 / 439 / 422
-at 60k, PPO on Pendulum -289 / -228 / -260 at 100k; random play scores about 22 on CartPole and -1200 on Pendulum."""
+at 60k, PPO on Pendulum -289 / -228 / -260 at 100k; random play scores about 22 on CartPole and
+-1200 on Pendulum."""
 
 from pathlib import Path
 
@@ -48,16 +49,17 @@ def test_ppo_learns_minatar_breakout_from_image_shaped_observations(tmp_path):
     assert result["timesteps_total"] >= 80_000 and result["episode_return_mean"] >= 1.0
 
 
-@pytest.mark.parametrize("name", ["ppo_halfcheetah", "sac_halfcheetah"])
-def test_the_mujoco_examples_train_on_halfcheetah(tmp_path, name):
+@pytest.mark.parametrize("name, steps, overrides", [
+    ("ppo_halfcheetah", 2048, []),
+    ("sac_halfcheetah", 1200, [("config.learning_starts", 1000)]),
+])
+def test_the_mujoco_examples_train_on_halfcheetah(tmp_path, name, steps, overrides):
     """A smoke run of the files benchmarks/mujoco.py runs at 1M (PPO) and 100k (SAC) env steps:
     one PPO batch of 2,048 rows (counted once, though trained for 10 epochs), or SAC with
     learning_starts brought down to 1,000 and whole minibatches of 256 after it, at most one
     per env step sampled (training_intensity 256)."""
     pytest.importorskip("mujoco")
-    steps = 2048 if name.startswith("ppo") else 1200
-    overrides = [("stop.timesteps_total", steps)] + ([("config.learning_starts", 1000)] if name.startswith("sac") else [])
-    result = train(name, tmp_path, overrides=overrides)
+    result = train(name, tmp_path, overrides=[("stop.timesteps_total", steps), *overrides])
     assert result["timesteps_total"] >= steps
     trained = result["num_env_steps_trained"]
     if name.startswith("ppo"):
