@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from flowrl.device import cpu_weights, move_policy
+from flowrl.optim import Adam
 
 _MODELS: dict[str, type] = {}
 
@@ -460,7 +461,7 @@ class TorchPolicy:
             self._low = action_space.low.reshape(-1)
             self._high = action_space.high.reshape(-1)
         self.weights_version = 0
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer: Adam | None = None
         self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
         self.device = torch.device("cpu")  # the learner's may move (flowrl.device.move_policy)
 
@@ -534,11 +535,11 @@ class TorchPolicy:
 
     # ---- learning -------------------------------------------------------------------------------
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> Adam:
         if self._optimizer is None:
-            # The fused kernel updates all parameters in one call: on small models the per-tensor
-            # loop of the default implementation costs more than the arithmetic.
-            self._optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, eps=1e-5, fused=True)
+            # torch's fused kernel (flowrl.optim) updates all parameters in one call: on small
+            # models the per-tensor loop of torch.optim's default costs more than the arithmetic.
+            self._optimizer = Adam(self.model.parameters(), lr=self.lr, eps=1e-5)
         return self._optimizer
 
     def set_lr(self, lr: float) -> None:

@@ -21,17 +21,20 @@ import gymnasium as gym
 import numpy as np
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from flowrl import optim
 from flowrl.policy import ActorCritic, Actions, TorchPolicy, _apply_numpy, _flatten_rows, _log_softmax, categorical
 
 # Optimizer steps taken in this process. Parameters change in place; their tensors' version
 # counters see load_state_dict and other in-place ops but not every optimizer kernel (the fused
-# Adam's), so the stacked copies are also made again after any optimizer step.
-_optimizer_steps = 0
+# Adam's), so the stacked copies are also made again after any optimizer step: flowrl's Adam
+# counts its own (flowrl.optim.steps_taken), a torch.optim optimizer's (a policy subclass's
+# own) are counted here.
+_torch_optimizer_steps = 0
 
 
 def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
+    global _torch_optimizer_steps
+    _torch_optimizer_steps += 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -103,7 +106,8 @@ class PolicyStack:
 
     def _stacked_layers(self) -> list | None:
         """The stacked layers of the policies' current parameters, or None if they do not stack."""
-        key = (_optimizer_steps, tuple([(p.data_ptr(), p._version) for params in self._params for p in params]))
+        versions = tuple([(p.data_ptr(), p._version) for params in self._params for p in params])
+        key = (optim.steps_taken, _torch_optimizer_steps, versions)
         if key != self._key:
             self._key, self._layers = key, self._stack()
         return self._layers

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flowrl.device import cpu_weights, move_policy
+from flowrl.optim import Adam
 from flowrl.policy import (_MODELS, ACTIVATIONS, Actions, _apply, _layer_calls, flat_obs_size, image_encoder, is_image,
                            resolve_class)
 
@@ -93,7 +94,7 @@ class ReplayPolicy:
         self.model_config = dict(model or {})
         self.lr = lr
         self.weights_version = 0
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer: Adam | None = None
         self.rng = np.random.default_rng(sample_seed if sample_seed is not None else seed)
         self.device = torch.device("cpu")
         self.target_model: nn.Module | None = None
@@ -108,9 +109,9 @@ class ReplayPolicy:
         return [{"params": list(self.model.parameters())}]
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> Adam:
         if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(self.param_groups(), lr=self.lr, fused=True)
+            self._optimizer = Adam(self.param_groups(), lr=self.lr)
         return self._optimizer
 
     def set_lr(self, lr: float) -> None:
