@@ -68,10 +68,26 @@ def _check_column(name: str, value: Any, num_rows: int | None) -> np.ndarray:
     return arr
 
 
+# pa.array(ndarray) and Array.to_numpy look for pandas objects and so import pandas (0.3-0.5 s of
+# a short run's start-up); columns go in and out through their buffers instead.
+def _primitive_array(arr: np.ndarray) -> pa.Array:
+    """A 1-D contiguous numeric `arr` as an Arrow array over its memory (no copy)."""
+    return pa.Array.from_buffers(pa.from_numpy_dtype(arr.dtype), len(arr), [None, pa.py_buffer(arr)])
+
+
+def _primitive_view(array: pa.Array) -> np.ndarray:
+    """A numeric Arrow array without nulls as a numpy view of its buffer (no copy); other types
+    as Arrow converts them (which raises where no view is possible)."""
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        return array.to_numpy(zero_copy_only=True)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
 def _tensor_array(arr: np.ndarray) -> pa.Array:
     """A fixed-shape tensor column over `arr`'s memory (no copy), for any number of rows."""
     shape = list(arr.shape[1:])
-    values = pa.array(arr.reshape(-1))
+    values = _primitive_array(arr.reshape(-1))
     storage = pa.FixedSizeListArray.from_arrays(values, int(np.prod(shape)))
     return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(values.type, shape), storage)
 
@@ -80,8 +96,8 @@ def _to_arrow_column(arr: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | No
     arr = np.ascontiguousarray(arr)
     if arr.ndim == 1:
         if arr.dtype == np.bool_:
-            return pa.Bool8Array.from_numpy(arr), None
-        return pa.array(arr), None
+            return pa.ExtensionArray.from_storage(pa.bool8(), _primitive_array(arr.view(np.int8))), None
+        return _primitive_array(arr), None
     if arr.dtype == np.bool_:
         return _tensor_array(arr.view(np.uint8)), {_DTYPE_KEY: b"bool"}
     return _tensor_array(arr), None
@@ -89,11 +105,13 @@ def _to_arrow_column(arr: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | No
 
 def _column_view(array: pa.Array, field: pa.Field) -> np.ndarray:
     if isinstance(array.type, pa.FixedShapeTensorType):
-        view = array.to_numpy_ndarray().reshape(len(array), *array.type.shape)  # also when empty
+        view = _primitive_view(array.storage.flatten()).reshape(len(array), *array.type.shape)  # also when empty
         if field.metadata and field.metadata.get(_DTYPE_KEY) == b"bool":
             view = view.view(np.bool_)
+    elif isinstance(array.type, pa.Bool8Type):
+        view = _primitive_view(array.storage).view(np.bool_)
     else:
-        view = array.to_numpy(zero_copy_only=True)
+        view = _primitive_view(array)
     view.flags.writeable = False
     return view
 
