@@ -124,8 +124,9 @@ if threads:
 if algo == "dqn":
     model = DQN("MlpPolicy", "CartPole-v1", batch_size=256, learning_starts=5000, policy_kwargs=dict(net_arch=[256, 256]),
                 device="cpu", seed=0, verbose=0)
-else:
-    model = SAC("MlpPolicy", "Pendulum-v1", batch_size=256, learning_starts=5000, device="cpu", seed=0, verbose=0)
+else:  # "sac" on Pendulum-v1, "sac_halfcheetah" on HalfCheetah-v5 (benchmarks/learner_floor.py)
+    env_id = "HalfCheetah-v5" if algo == "sac_halfcheetah" else "Pendulum-v1"
+    model = SAC("MlpPolicy", env_id, batch_size=256, learning_starts=5000, device="cpu", seed=0, verbose=0)
 model.learn(total_timesteps=5000)          # fills the buffer; no training before learning_starts
 model.train(gradient_steps=20, batch_size=256)
 t0 = time.perf_counter()
@@ -142,7 +143,8 @@ from flowrl.plan import Plan
 from flowrl.rollout import WorkerSet
 
 algo, steps = sys.argv[1], int(sys.argv[2])
-example = {"dqn": "examples/dqn_cartpole.yaml", "sac": "examples/sac_pendulum.yaml"}[algo]
+example = {"dqn": "examples/dqn_cartpole.yaml", "sac": "examples/sac_pendulum.yaml",
+           "sac_halfcheetah": "examples/sac_halfcheetah.yaml"}[algo]
 (exp,) = load_experiments(example, [("config.model", {"hidden": [256, 256], "activation": "relu"})], seed=0)
 config = exp.config
 workers = WorkerSet(**config.worker_kwargs(exp.env))   # the driver's worker: one torch thread, as in a run
