@@ -7,13 +7,14 @@ from flowrl.operators.replay import (BatchReplayBuffer, MixInReplay, Replay, Rep
 from flowrl.operators.rollouts import (ComputeAdvantages, ConcatBatches, Gather, ParallelRollouts, RecordSampled,
                                        SelectExperiences, SelectPolicies, StandardizeFields, trajectory_ends)
 from flowrl.operators.train import (AverageGradients, ApplyGradients, ComputeGradients, Gradients,
-                                    LearningRateSchedule, TrainOneStep, UpdateTargetNetwork, UpdateWeights)
+                                    LearningRateSchedule, TrainOneStep, UpdateTargetNetwork, UpdateWeights,
+                                    trained_rows)
 
 __all__ = [
     "ApplyGradients", "AverageGradients", "BatchReplayBuffer", "ComputeAdvantages", "ComputeGradients",
     "ConcatBatches", "Concurrently", "Dequeue", "Enqueue", "Gather", "Gradients", "LearnerQueue",
     "LearningRateSchedule", "MixInReplay", "ParallelRollouts", "RecordSampled", "Replay", "ReplayBuffer",
     "SelectExperiences", "SelectPolicies", "StandardMetricsReporting", "StandardizeFields", "StoreToReplayBuffer", "TrainOneStep",
-    "UpdatePriorities", "UpdateTargetNetwork", "UpdateWeights", "check_replay_memory", "trajectory_ends",
-    "weights_for_training_intensity",
+    "UpdatePriorities", "UpdateTargetNetwork", "UpdateWeights", "check_replay_memory", "trained_rows",
+    "trajectory_ends", "weights_for_training_intensity",
 ]

@@ -44,6 +44,15 @@ def _mean_stats(all_stats: list[dict[str, float | np.ndarray]]) -> dict[str, flo
     return out
 
 
+def trained_rows(workers: WorkerSet, batch: SampleBatch | MultiAgentBatch) -> dict[str, SampleBatch]:
+    """The rows a batch trains, by policy id (as in workers.policies): a SampleBatch's under
+    default_policy, a MultiAgentBatch's of each policy to train that has rows in it (in
+    policies_to_train's order)."""
+    if not isinstance(batch, MultiAgentBatch):
+        return {"default_policy": batch}
+    return {pid: batch[pid] for pid in workers.policies_to_train if len(batch.policy_batches.get(pid, ()))}
+
+
 def clip_and_step(policy: TorchPolicy, grad_clip: float | None) -> float | None:
     norm = None
     if grad_clip is not None:
@@ -139,10 +148,7 @@ class TrainOneStep(Map):
         under policy/<name>/. The policies trained are marked for UpdateWeights to send."""
         t0 = time.perf_counter()
         out: dict[str, Any] = {}
-        for pid in self.workers.policies_to_train:
-            policy_batch = batch.policy_batches.get(pid)
-            if policy_batch is None or len(policy_batch) == 0:
-                continue
+        for pid, policy_batch in trained_rows(self.workers, batch).items():
             stats = self._train(self.workers.policies[pid], policy_batch)
             out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
             self.counters["num_agent_steps_trained"] += len(policy_batch)
@@ -224,9 +230,8 @@ class ComputeGradients(Map):
 
     def __call__(self, batch: SampleBatch | MultiAgentBatch) -> Gradients | MultiAgentGradients:
         if isinstance(batch, MultiAgentBatch):
-            rows = {pid: batch.policy_batches.get(pid) for pid in self.workers.policies_to_train}
-            return MultiAgentGradients({pid: self._gradients(self.workers.policies[pid], b) for pid, b in rows.items()
-                                        if b is not None and len(b)}, batch.env_steps)
+            return MultiAgentGradients({pid: self._gradients(self.workers.policies[pid], b)
+                                        for pid, b in trained_rows(self.workers, batch).items()}, batch.env_steps)
         return self._gradients(self.workers.policy, batch)
 
     def _gradients(self, policy: TorchPolicy, batch: SampleBatch) -> Gradients:

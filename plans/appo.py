@@ -34,7 +34,7 @@ from flowrl.config import CommonConfig, ConfigError
 from flowrl.device import batch_to_device
 from flowrl.operators import (ConcatBatches, Concurrently, Dequeue, Enqueue, Gather, LearnerQueue,
                               LearningRateSchedule, ParallelRollouts, StandardMetricsReporting, TrainOneStep,
-                              UpdateTargetNetwork, UpdateWeights, trajectory_ends)
+                              UpdateTargetNetwork, UpdateWeights, trained_rows, trajectory_ends)
 from flowrl.multi_agent_batch import MultiAgentBatch
 from flowrl.plan import Plan
 from flowrl.returns import vtrace
@@ -71,14 +71,6 @@ class APPOConfig(CommonConfig):
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.clip_param <= 0:
             raise ConfigError("clip_param", f"must be > 0, got {self.clip_param}")
-
-
-def trained_rows(workers: WorkerSet, batch: SampleBatch | MultiAgentBatch) -> dict[str, SampleBatch]:
-    """The rows a batch trains, by policy id (as in workers.policies): a SampleBatch's under
-    default_policy, a MultiAgentBatch's of each policy to train that has rows in it."""
-    if not isinstance(batch, MultiAgentBatch):
-        return {"default_policy": batch}
-    return {pid: batch[pid] for pid in workers.policies_to_train if len(batch.policy_batches.get(pid, ()))}
 
 
 class VTraceTargets(Map):
