@@ -81,6 +81,8 @@ def _primitive_view(array: pa.Array) -> np.ndarray:
     if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
         return array.to_numpy(zero_copy_only=True)
     dtype = np.dtype(array.type.to_pandas_dtype())
+    if len(array) == 0:  # an empty array may have no data buffer
+        return np.empty(0, dtype)
     return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
