@@ -43,6 +43,7 @@ import sys, time
 import numpy as np
 from flowrl.experiment import load_experiments
 from flowrl.operators import TrainOneStep
+from flowrl.plan import PlanContext
 from flowrl.plans.ppo import ppo_loss
 from flowrl.rollout import WorkerSet
 from flowrl.sample_batch import SampleBatch
@@ -60,7 +61,7 @@ batch = SampleBatch({"obs": obs, "actions": out.actions, "action_logp": out.logp
 train = TrainOneStep(workers, lambda p, b: ppo_loss(p, b, config, config.clip_param, config.kl_coeff),
                      num_sgd_iter=config.num_sgd_iter, sgd_minibatch_size=config.sgd_minibatch_size,
                      grad_clip=config.grad_clip)
-train.setup(type("Context", (), {"counters": {"num_env_steps_trained": 0}})())
+train.setup(PlanContext(executor=None))   # only its counters are used
 train(batch)
 t0 = time.perf_counter()
 for _ in range(batches):
