@@ -227,8 +227,9 @@ def learning(tmp: Path) -> dict:
     from flowrl.planfile import load_yaml
 
     spec = load_yaml((ROOT / "examples" / "dqn_cartpole_external.yaml").read_text())["cartpole-dqn-external"]
-    source, workers, cfg = make_server(
-        DQNConfig, **{k: v for k, v in spec["config"].items() if k not in ("input", "external")})
+    # The example's whole config, input: external and its server settings too, on a free port.
+    source, workers, cfg = make_server(DQNConfig, **dict(spec["config"],
+                                                         external={**spec["config"]["external"], "port": 0}))
     plan = build_dqn_plan(workers, cfg)
     t0 = time.perf_counter()
     greedy_at = None

@@ -157,14 +157,18 @@ class QPolicy(ReplayPolicy):
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The model's tensors and, under "epsilon", the exploration rate the workers act with."""
-        weights = cpu_weights(self.model.state_dict())
-        weights["epsilon"] = torch.tensor(self.epsilon, dtype=torch.float64)
-        return weights
+        return {**cpu_weights(self.model.state_dict()), **self.get_exploration()}
+
+    def get_exploration(self) -> dict[str, torch.Tensor]:
+        """{"epsilon": the exploration rate}: what set_weights takes alone to change only it."""
+        return {"epsilon": torch.tensor(self.epsilon, dtype=torch.float64)}
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int | None = None) -> None:
+        """The model's tensors and epsilon, or epsilon alone (get_exploration's)."""
         weights = dict(weights)
         epsilon = weights.pop("epsilon", None)
-        self.model.load_state_dict(weights)
+        if weights:
+            self.model.load_state_dict(weights)
         if epsilon is not None:
             self.epsilon = float(epsilon)
         if version is not None:

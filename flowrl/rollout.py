@@ -433,6 +433,7 @@ class WorkerSet:
         self.remote_workers.on_replace.append(self._sync_replacement)
         self.remote_workers.on_start.append(self.sync_weights)
         self.trained_policies: set[str] = set()  # multi-agent: trained since UpdateWeights last sent them
+        self.explored_policies: set[str] = set()  # multi-agent: epsilon changed since UpdateWeights last sent it
         self._policy_changes: list[tuple[str, tuple]] = []  # multi-agent: add_policy / set_policy_mapping calls
 
     def sync_weights(self) -> None:

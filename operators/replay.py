@@ -463,7 +463,8 @@ class ReplayBuffer:
             out = {"version": np.array(_STATE_VERSION), "capacity": np.array(self.capacity),
                    "n_step": np.array(self.n_step), "gamma": np.array(self.gamma),
                    "position": np.array(self._position), "size": np.array(self._size),
-                   "max_priority": np.array(self._max_priority)}
+                   "max_priority": np.array(self._max_priority),
+                   "count_steps_by": np.array(self.count_steps_by)}   # Replay's beta schedule follows it
             if self._columns is not None:
                 out["spaces"] = np.frombuffer(encode_spaces(self._spaces), dtype=np.uint8)
                 for name, column in self._columns.items():
@@ -517,6 +518,9 @@ class ReplayBuffer:
             policy_buffers[pid].load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         priorities = np.asarray(state["priorities"], dtype=np.float64) if "priorities" in state else np.ones(size)
         max_priority = float(scalar("max_priority"))
+        count_steps_by = str(scalar("count_steps_by")) if "count_steps_by" in state else self.count_steps_by
+        if count_steps_by not in ("env_steps", "agent_steps"):
+            raise ValueError(f"replay buffer state: count_steps_by {count_steps_by!r} is not env_steps or agent_steps")
         if len(priorities) != size or not (np.all(np.isfinite(priorities)) and np.all(priorities > 0)) \
                 or not (math.isfinite(max_priority) and max_priority > 0):
             raise ValueError(f"replay buffer state: priorities must be {size} finite values > 0 (and max_priority)")
@@ -524,6 +528,7 @@ class ReplayBuffer:
         with self._cond:
             self._position, self._size = position, size
             self._max_priority = max_priority
+            self.count_steps_by = count_steps_by
             self._pending = pending or None
             if columns:
                 self._spaces = decode_spaces(np.asarray(state["spaces"]).tobytes()) if "spaces" in state else {}

@@ -373,16 +373,21 @@ class UpdateWeights(Map):
 
     def _update_policies(self) -> None:
         """Multi-agent: only the policies trained since the last update, each under a new
-        version of its own, reported as policy/<name>/weights_version."""
+        version of its own, reported as policy/<name>/weights_version; and the epsilon alone
+        of those whose exploration rate alone changed (ExplorationSchedule), version kept."""
         changed = sorted(self.workers.trained_policies)
+        explored = sorted(self.workers.explored_policies - self.workers.trained_policies)
         self.workers.trained_policies.clear()
+        self.workers.explored_policies.clear()
         policies = self.workers.policies
         for pid in changed:
             policies[pid].weights_version += 1
         remote = self.workers.remote_workers
-        if changed and remote.num_actors:
-            weights = remote.executor.put(self.workers.local_worker.get_weights(changed))
-            versions = {pid: policies[pid].weights_version for pid in changed}
+        if (changed or explored) and remote.num_actors:
+            weights = self.workers.local_worker.get_weights(changed) if changed else {}
+            weights.update({pid: policies[pid].get_exploration() for pid in explored})
+            versions = {pid: policies[pid].weights_version for pid in weights}
+            weights = remote.executor.put(weights)
             if self.wait:
                 remote.foreach("set_weights", weights, versions)
             else:

@@ -123,7 +123,9 @@ class ExplorationSchedule(Map):
     """Sets the learner policy's epsilon from `schedule` ([[timestep, epsilon], ...], piecewise
     linear in the env steps sampled) and reports it; remote workers get it with the weights.
     Multi-agent: every policy with an epsilon (Q-policies, frozen ones too), on the steps
-    count_steps_by names; one whose epsilon changed is marked for UpdateWeights to send."""
+    count_steps_by names; one whose epsilon changed is marked for UpdateWeights to send the
+    epsilon (alone, for a policy that did not train meanwhile: a frozen one's weights are not
+    resent)."""
 
     def __init__(self, workers: WorkerSet, schedule: list):
         self.workers, self.schedule = workers, schedule
@@ -141,7 +143,7 @@ class ExplorationSchedule(Map):
             if getattr(policy, "epsilon", epsilon) != epsilon:
                 policy.epsilon = epsilon
                 if self.workers.num_remote_workers:
-                    self.workers.trained_policies.add(pid)
+                    self.workers.explored_policies.add(pid)
         return batch
 
 

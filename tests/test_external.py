@@ -504,7 +504,8 @@ def test_dqn_trained_only_through_four_epsilon_greedy_clients_that_log_their_ran
     from flowrl.planfile import load_yaml
 
     spec = load_yaml((ROOT / "examples" / "dqn_cartpole_external.yaml").read_text())["cartpole-dqn-external"]
-    config = {k: v for k, v in spec["config"].items() if k not in ("input", "external")}
+    # The example's whole config, input: external and its server settings too, on a free port.
+    config = dict(spec["config"], external={**spec["config"]["external"], "port": 0})
     source, workers, cfg = make_server(DQNConfig, env=spec["env"], **config)
     plan = build_dqn_plan(workers, cfg)
     with plan:

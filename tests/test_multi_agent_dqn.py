@@ -116,6 +116,28 @@ def test_buffer_state_holds_every_policy_and_restores_it(tmp_path):
     assert by_obs(again.policy_buffer("a b"))["rewards"][2] == 4 + 0.5 * 8
 
 
+def test_a_restored_buffer_schedules_beta_on_agent_steps_before_anything_new_is_stored(tmp_path):
+    # After a resume Replay samples the restored rows at once; beta must follow the agent steps the
+    # stored batches counted, not the env steps (the fresh buffer's default until a store).
+    buf = ReplayBuffer(capacity=10, prioritized=True, alpha=1.0, seed=0)
+    buf.add(MultiAgentBatch({"p": rows([0, 1], [1, 1], 0)}, env_steps=2, count_steps_by="agent_steps"))
+    buf.policy_buffer("p").update_priorities(np.array([0, 1]), np.array([1.0, 3.0]))   # p = |td| + 1e-6
+    buf.save(tmp_path / "replay.npz")
+    again = ReplayBuffer(capacity=10, prioritized=True, alpha=1.0, seed=0)
+    again.load(tmp_path / "replay.npz")
+    assert again.count_steps_by == "agent_steps"
+    replay = Replay(again, batch_size=8, beta_schedule=[[0, 0.0], [1000, 1.0]])
+    with Plan(replay) as plan:
+        plan.ctx.counters["num_env_steps_sampled"] = 1000   # beta 1.0 if it followed env steps
+        plan.ctx.counters["num_agent_steps_sampled"] = 500  # beta 0.5
+        sampled = plan.step()["output"]["p"]
+    # w = (p_i / p_min)^-beta: 1 for the first row, (3 / 1)^-0.5 for the second.
+    ratio = (3.0 + 1e-6) / (1.0 + 1e-6)
+    expected = np.where(sampled["batch_indexes"] == 0, 1.0, ratio ** -0.5)
+    assert set(sampled["batch_indexes"].tolist()) == {0, 1}
+    assert np.allclose(sampled["weights"], expected)
+
+
 # ---- target networks, exploration, evaluation --------------------------------------------------------
 def test_target_networks_of_the_policies_to_train_follow_their_own_trained_rows():
     workers = WorkerSet(env=CARTPOLE, env_config={"num_agents": 3}, seed=0, policy="QPolicy",
@@ -250,7 +272,9 @@ def test_remote_workers_act_with_the_scheduled_epsilon_of_every_policy():
         local = {pid: p.epsilon for pid, p in algo.workers.policies.items()}
     assert 0 < result["epsilon"] < 1 and local == {"agent_0": result["epsilon"], "agent_1": result["epsilon"]}
     assert {pid: float(w["epsilon"]) for pid, w in remote.items()} == pytest.approx(local)
-    assert result["policy/agent_1/weights_version"] > 0 and "policy/agent_1/loss" not in result
+    # Its epsilon went alone: a frozen policy's weights are never resent, so its version stays 0.
+    assert result["policy/agent_1/weights_version"] == 0 and "policy/agent_1/loss" not in result
+    assert result["policy/agent_0/weights_version"] > 0
 
 
 def test_a_shared_prioritized_policy_counts_agent_steps_per_iteration():

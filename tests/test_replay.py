@@ -499,7 +499,8 @@ def test_a_refused_state_leaves_the_buffer_as_it_was():
     broken = [{**state, "priorities": np.full(5, np.nan)},
               {**state, "position": np.array(7)},
               {k: v for k, v in state.items() if k != "pending.t"},
-              {k: v for k, v in state.items() if k != "columns.obs"}]
+              {k: v for k, v in state.items() if k != "columns.obs"},
+              {**state, "count_steps_by": np.array("frames")}]
     target = ReplayBuffer(5, n_step=3, gamma=G, prioritized=True, seed=0)
     target.add(batch(steps(9, [3.0], "terminated")))
     kept = target.get(np.arange(1))
