@@ -464,9 +464,8 @@ class UpdateTargetNetwork(Map):
             if self.tau == 1.0:
                 target.load_state_dict(source.state_dict())
             else:
-                with torch.no_grad():
-                    for theta_target, theta in zip(target.parameters(), source.parameters()):
-                        theta_target.lerp_(theta, self.tau)
+                with torch.no_grad():   # one kernel call for all the tensors
+                    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), self.tau)
             counters[prefix + "last_target_update_step"] = trained
             counters[prefix + "num_target_updates"] += 1
             if prefix:  # multi-agent: the plan's totals as well
