@@ -15,6 +15,7 @@ terminating, else the next row's vf_preds), weights_version. `batch.episodes` ho
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -432,9 +433,32 @@ class WorkerSet:
                                        start_timeout_s=actor_start_timeout_s, placement_strategy=placement_strategy)
         self.remote_workers.on_replace.append(self._sync_replacement)
         self.remote_workers.on_start.append(self.sync_weights)
-        self.trained_policies: set[str] = set()  # multi-agent: trained since UpdateWeights last sent them
-        self.explored_policies: set[str] = set()  # multi-agent: epsilon changed since UpdateWeights last sent it
+        # Multi-agent: the policies trained, and those whose epsilon alone changed, since
+        # UpdateWeights last sent them. The train and store streams mark them from their own
+        # threads under the Ray executor, so marking and taking hold one lock.
+        self.trained_policies: set[str] = set()
+        self.explored_policies: set[str] = set()
+        self._marks_lock = threading.Lock()
         self._policy_changes: list[tuple[str, tuple]] = []  # multi-agent: add_policy / set_policy_mapping calls
+
+    def mark_trained(self, policy_id: str) -> None:
+        """Multi-agent: `policy_id` trained; UpdateWeights sends its weights under a new version."""
+        with self._marks_lock:
+            self.trained_policies.add(policy_id)
+
+    def mark_explored(self, policy_id: str) -> None:
+        """Multi-agent: `policy_id`'s epsilon changed; UpdateWeights sends it (alone, if it did not train)."""
+        with self._marks_lock:
+            self.explored_policies.add(policy_id)
+
+    def take_marked(self) -> tuple[list[str], list[str]]:
+        """The policies trained and those explored but not trained since the last call, each
+        sorted, and forget them: one step, so that a mark made meanwhile waits for the next call."""
+        with self._marks_lock:
+            trained, explored = sorted(self.trained_policies), sorted(self.explored_policies - self.trained_policies)
+            self.trained_policies.clear()
+            self.explored_policies.clear()
+        return trained, explored
 
     def sync_weights(self) -> None:
         """Give every remote worker the learner's weights and version (at start, after a resume)."""

@@ -153,7 +153,7 @@ class TrainOneStep(Map):
             out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
             self.counters["num_agent_steps_trained"] += len(policy_batch)
             self.counters[f"policy/{pid}/num_agent_steps_trained"] += len(policy_batch)
-            self.workers.trained_policies.add(pid)
+            self.workers.mark_trained(pid)
         self.counters["num_env_steps_trained"] += batch.env_steps
         out["learn_time_s"] = time.perf_counter() - t0
         return out
@@ -311,7 +311,7 @@ class ApplyGradients(Map):
                 out.update({f"policy/{pid}/{k}": v for k, v in stats.items()})
                 self.counters["num_agent_steps_trained"] += policy_grads.num_rows
                 self.counters[f"policy/{pid}/num_agent_steps_trained"] += policy_grads.num_rows  # as TrainOneStep
-                self.workers.trained_policies.add(pid)
+                self.workers.mark_trained(pid)
             self.counters["num_env_steps_trained"] += grads.env_steps
             return out
         self.counters["num_env_steps_trained"] += grads.num_rows
@@ -375,10 +375,7 @@ class UpdateWeights(Map):
         """Multi-agent: only the policies trained since the last update, each under a new
         version of its own, reported as policy/<name>/weights_version; and the epsilon alone
         of those whose exploration rate alone changed (ExplorationSchedule), version kept."""
-        changed = sorted(self.workers.trained_policies)
-        explored = sorted(self.workers.explored_policies - self.workers.trained_policies)
-        self.workers.trained_policies.clear()
-        self.workers.explored_policies.clear()
+        changed, explored = self.workers.take_marked()
         policies = self.workers.policies
         for pid in changed:
             policies[pid].weights_version += 1

@@ -143,7 +143,7 @@ class ExplorationSchedule(Map):
             if getattr(policy, "epsilon", epsilon) != epsilon:
                 policy.epsilon = epsilon
                 if self.workers.num_remote_workers:
-                    self.workers.explored_policies.add(pid)
+                    self.workers.mark_explored(pid)
         return batch
 
 

@@ -323,7 +323,7 @@ def test_executors_yield_multi_agent_batches_with_per_policy_weights(executor):
     num_workers = 2 if executor == "ray" else 0
     workers = WorkerSet(num_workers=num_workers, env=CARTPOLE, env_config={"num_agents": 2}, num_envs_per_worker=2,
                         rollout_fragment_length=8, seed=0, multiagent={"policy_mapping": "independent"})
-    workers.trained_policies.add("agent_1")  # as TrainOneStep marks what it trained
+    workers.mark_trained("agent_1")  # as TrainOneStep marks what it trained
     plan = Plan(ParallelRollouts(workers).then(UpdateWeights(workers)), executor=make_executor(executor))
     with plan:
         result = plan.step()
@@ -479,3 +479,52 @@ def test_a_resumed_self_play_run_has_its_snapshots_and_their_mapping_again(tmp_p
     assert result["policy/main_v1/episode_return_mean"] is not None
     snapshot = flowrl.load_policy(tmp_path / "ckpt", policy="main_v2")
     assert all((snapshot.policy.get_weights()[k] == v).all() for k, v in saved["main_v2"].items())
+
+
+def test_marks_made_while_update_weights_takes_them_wait_for_the_next_take():
+    """The train and store streams mark policies from their own threads under the Ray executor
+    while UpdateWeights takes the marks: every mark comes out of exactly one take."""
+    import sys
+    import threading
+
+    workers = WorkerSet(num_workers=0, env=CARTPOLE, env_config={"num_agents": 2}, seed=0,
+                        multiagent={"policy_mapping": "independent"})
+    workers.mark_trained("agent_0")
+    workers.mark_explored("agent_0")   # trained too: its weights carry the epsilon
+    workers.mark_explored("agent_1")
+    assert workers.take_marked() == (["agent_0"], ["agent_1"])
+    assert workers.take_marked() == ([], [])
+
+    n = 20_000
+    taken: list[str] = []
+    done = threading.Event()
+
+    def mark(prefix, method):
+        for i in range(n):
+            method(f"{prefix}{i}")
+
+    markers = [threading.Thread(target=mark, args=("t", workers.mark_trained)),
+               threading.Thread(target=mark, args=("e", workers.mark_explored))]
+
+    def take():
+        while not done.is_set():
+            trained, explored = workers.take_marked()
+            taken.extend(trained + explored)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads often: without the lock this loses about a third of the marks
+    try:
+        taker = threading.Thread(target=take)
+        taker.start()
+        for t in markers:
+            t.start()
+        for t in markers:
+            t.join()
+        done.set()
+        taker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    trained, explored = workers.take_marked()
+    taken.extend(trained + explored)
+    assert len(taken) == 2 * n
+    assert set(taken) == {f"{p}{i}" for p in "te" for i in range(n)}
