@@ -1,9 +1,15 @@
 import os
+import signal
 
 import pytest
 from hypothesis import settings
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# A shell's background job (`make test &`) starts with SIGINT ignored, and the processes the
+# tests start inherit that: the Ctrl-C tests' subprocesses would never see their SIGINT. Handle
+# it here as Python does when started from a terminal (a handler, unlike SIG_IGN, ends at exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Property tests check correctness, not speed: no per-example deadline, which would fail at
 # random on a loaded machine (CI shares its cores).

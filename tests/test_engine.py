@@ -247,7 +247,12 @@ def test_slow_consumer_bounds_items_in_flight(executor, max_in_flight, queue_siz
 def test_dead_actor_is_replaced_and_counted(executor):
     actors = sources(2)
     with Plan(from_actors(actors, "next"), executor=executor) as plan:
-        outputs(plan, 4)
+        # Until actor 0's first output has come (on a loaded machine actor 1 can give the first
+        # several): a (0, 1) after the kill is then the replacement's, not one already in flight.
+        seen, deadline = [], time.monotonic() + 30
+        while not any(i == 0 for i, _ in seen) and time.monotonic() < deadline:
+            seen.append(plan.step()["output"])
+        assert any(i == 0 for i, _ in seen), seen
         actors.kill(0)
         # The stream goes on while the replacement starts; it starts over from 1, being a new
         # actor built with the same arguments.
