@@ -436,28 +436,28 @@ class WorkerSet:
         # Multi-agent: the policies trained, and those whose epsilon alone changed, since
         # UpdateWeights last sent them. The train and store streams mark them from their own
         # threads under the Ray executor, so marking and taking hold one lock.
-        self.trained_policies: set[str] = set()
-        self.explored_policies: set[str] = set()
+        self._trained_policies: set[str] = set()
+        self._explored_policies: set[str] = set()
         self._marks_lock = threading.Lock()
         self._policy_changes: list[tuple[str, tuple]] = []  # multi-agent: add_policy / set_policy_mapping calls
 
     def mark_trained(self, policy_id: str) -> None:
         """Multi-agent: `policy_id` trained; UpdateWeights sends its weights under a new version."""
         with self._marks_lock:
-            self.trained_policies.add(policy_id)
+            self._trained_policies.add(policy_id)
 
     def mark_explored(self, policy_id: str) -> None:
         """Multi-agent: `policy_id`'s epsilon changed; UpdateWeights sends it (alone, if it did not train)."""
         with self._marks_lock:
-            self.explored_policies.add(policy_id)
+            self._explored_policies.add(policy_id)
 
     def take_marked(self) -> tuple[list[str], list[str]]:
         """The policies trained and those explored but not trained since the last call, each
         sorted, and forget them: one step, so that a mark made meanwhile waits for the next call."""
         with self._marks_lock:
-            trained, explored = sorted(self.trained_policies), sorted(self.explored_policies - self.trained_policies)
-            self.trained_policies.clear()
-            self.explored_policies.clear()
+            trained, explored = sorted(self._trained_policies), sorted(self._explored_policies - self._trained_policies)
+            self._trained_policies.clear()
+            self._explored_policies.clear()
         return trained, explored
 
     def sync_weights(self) -> None:
